@@ -251,6 +251,8 @@ def _servers(listener, upstreams, cookie, tls):
                 names.append(d)
 
     def locations(domain):
+        if not upstreams:
+            return []  # redirect only
         seen = {}
         for r in rules:
             if (r.get("domain") or None) == domain:
@@ -355,8 +357,9 @@ def openclb_l7_plan(model, policies, settings=None):
         groups = [li["server_group"]] + [
             r["server_group"] for r in (li.get("rules") or []) if r["server_group"] != li["server_group"]
         ]
+        redirect = li.get("redirect_to_https") if not https else None
         ups = {}
-        for g in groups:
+        for g in [] if redirect else groups:  # a redirecting listener proxies nothing
             if g not in ups:
                 ups[g] = _upstream(li, g, model, settings)
                 upstreams.append(ups[g])
@@ -382,7 +385,6 @@ def openclb_l7_plan(model, policies, settings=None):
                         ],
                     }
                 )
-        redirect = li.get("redirect_to_https") if not https else None
         plan_listeners.append(
             {
                 "name": name,
