@@ -110,6 +110,12 @@ class ModelError(ValueError):
 
 
 class _Errors(list):
+    def __init__(self):
+        super().__init__()
+        # server groups with a reported error: listeners using them get no
+        # follow-up errors (one mistake, one message)
+        self.broken_groups = set()
+
     def add(self, path, msg):
         self.append(f"{path}: {msg}")
 
@@ -288,9 +294,9 @@ def _walk(errs, path, raw, schema, ctx=None):
             errs.add(f"{path}.{key}", "unknown key" + (f" (did you mean '{hint[0]}'?)" if hint else ""))
     for key, field in schema.items():
         sub = f"{path}.{key}"
-        proto = (ctx or {}).get("protocol")
-        if field.only is not None and proto is not None and proto not in field.only:
-            if key in raw:
+        if field.only is not None and ctx is not None and ctx.get("protocol") not in field.only:
+            proto = ctx.get("protocol")
+            if key in raw and proto is not None:  # an unknown protocol is reported on its own
                 errs.add(sub, f"only valid on {'/'.join(field.only)} listeners, not {proto}")
             out[key] = copy.deepcopy(field.na)
             continue
@@ -704,18 +710,24 @@ def _build_server_groups(errs, raw_groups, backends):
         path = f"server_groups[{gname}]"
         if not isinstance(gname, str) or not _GROUP_RE.fullmatch(gname):
             errs.add(path, f"{gname!r} is not a server group name ([a-z0-9_-])")
+            errs.broken_groups.add(gname)
             continue
+        before = len(errs)
         group = _walk(errs, path, raw_groups[gname] if raw_groups[gname] is not None else {}, _SERVER_GROUP)
         if group is None:
+            errs.broken_groups.add(gname)
             continue
         members, seen = [], {}
         for i, m in enumerate(group["members"] or []):
             mpath = f"{path}.members[{i}]"
             if m is None:
                 continue
-            if (m["host"] is None) == (m["address"] is None):
+            given = raw_groups[gname]["members"][i]
+            if (given.get("host") is None) == (given.get("address") is None):
                 errs.add(mpath, "needs exactly one of host (an inventory host in backends) or address")
                 continue
+            if m["host"] is None and m["address"] is None:
+                continue  # reported by the field
             if m["host"] is not None:
                 node = backends.get(m["host"])
                 if node is None:
@@ -738,6 +750,8 @@ def _build_server_groups(errs, raw_groups, backends):
             members.append({"name": name, "address": address, "port": m["port"], "weight": m["weight"]})
         members.sort(key=lambda m: (_ip_key(m["address"]), m["port"]))
         out[gname] = {"name": gname, "members": members}
+        if len(errs) > before:  # already reported: no follow-up errors on listeners using it
+            errs.broken_groups.add(gname)
     if len(distinct) > MAX_BACKENDS:
         errs.add("server_groups", f"{len(distinct)} distinct backend addresses, at most {MAX_BACKENDS} allowed")
     return out
@@ -787,6 +801,8 @@ def _build_listener(errs, path, raw, server_groups):
 
 
 def _check_group_ref(errs, path, name, server_groups):
+    if name in errs.broken_groups:
+        return
     if name not in server_groups:
         errs.add(path, f"unknown server group {name!r}")
     elif not server_groups[name]["members"]:
@@ -831,7 +847,9 @@ def _check_health_check(errs, path, lst):
 
 def _check_forwarding(errs, path, lst, server_groups):
     fwd = lst["forwarding"]
-    if lst["tier"] != "l4" or fwd is None or lst["server_group"] not in server_groups:
+    if lst["tier"] != "l4" or fwd is None or lst["server_group"] not in server_groups or lst["port"] is None:
+        return
+    if lst["server_group"] in errs.broken_groups:
         return
     # Only IP-in-IP carries a packet to a real server of the other family.
     if fwd != "tun" and lst["family"]:
@@ -981,6 +999,7 @@ def _l7_extras(lst, server_groups):
     locations ordered longest prefix first, the TLS policy's protocols and
     ciphers, and each vhost's certificates."""
     name = lst["name"]
+    lst.setdefault("sni_groups", [])
     used = sorted({r["server_group"] for r in lst["rules"]} | ({lst["server_group"]} if lst["server_group"] else set()))
     balance = L7_BALANCE[lst["scheduler"]]
     lst["upstreams"] = [
@@ -1118,7 +1137,7 @@ def _ipvs_services(listeners, server_groups, nodes):
                 "family": lst["family"],
                 "port": lst["port"],
                 "scheduler": scheduler,
-                "scheduler_flags": flags,
+                "flags": flags,
                 "persistence": persistence,
                 "forwarding": lst["forwarding"],
                 "drain_timeout": lst["drain_timeout"],
