@@ -410,6 +410,22 @@ def _path(errs, path, value, ctx):
     return value
 
 
+def _gateway(errs, path, value, ctx):
+    """address/prefix of the floating default gateway of the backends (NAT)."""
+    try:
+        iface = ipaddress.ip_interface(value.strip()) if isinstance(value, str) and "/" in value else None
+    except ValueError:
+        iface = None
+    if iface is None:
+        errs.add(path, f"{value!r} is not an address with a prefix length (10.99.0.1/24)")
+        return None
+    net = iface.network
+    if net.num_addresses > 2 and iface.ip in (net.network_address, net.broadcast_address):
+        errs.add(path, f"{value!r} is the network or broadcast address of {net}")
+        return None
+    return {"address": str(iface.ip), "prefix": net.prefixlen, "family": iface.version, "network": str(net)}
+
+
 def _threshold(errs, path, value, ctx):
     if isinstance(value, (str, dict)) or not isinstance(value, (list, tuple)) or len(value) != 2:
         errs.add(path, f"{value!r} is not a pair [threshold, period]")
@@ -445,6 +461,7 @@ _SYNC = {
 _CLUSTER = {
     "name": _Str(_NAME_RE, "a name ([a-z0-9-], at most 63)"),
     "id": _Str(_ID_RE, "an id ([A-Za-z0-9._-], at most 64)", default=None, nullable=True),
+    "nat_gateway": _Func(_gateway, default=None, nullable=True),
     "vrrp": _Dict(_VRRP),
     "sync": _Dict(_SYNC),
 }
@@ -683,6 +700,7 @@ def _build(raw, nodes):
     for lst in listeners:
         vips.setdefault(lst["vip"], {"address": lst["vip"], "family": lst["family"], "listeners": []})
         vips[lst["vip"]]["listeners"].append(lst["name"])
+    vips = [vips[a] for a in sorted(vips, key=_ip_key)]
     # Plain JSON-able data without shared references: roles may template it
     # freely and two runs compare equal.
     model = {
@@ -692,7 +710,10 @@ def _build(raw, nodes):
         "listeners": listeners,
         "ipvs_services": ipvs_services,
         "ipvs_timeouts": _ipvs_timeouts(listeners),
-        "vips": [vips[a] for a in sorted(vips, key=_ip_key)],
+        "vips": vips,
+        "vrrp_instances": _vrrp_instances(cluster, vips),
+        "node_vips": _node_vips(ipvs_services, node_out),
+        "certificates": _certificates(listeners),
         "l7_listeners": [lst for lst in listeners if lst["tier"] == "l7"],
     }
     return json.loads(json.dumps(model)), errs
@@ -959,6 +980,36 @@ def _cross_listener_checks(errs, listeners, nodes):
                 )
             bind.setdefault(key, path)
     by_key = {(lst["vip"], lst["port"]): lst for _, lst in listeners if lst["protocol"] == "https"}
+    # NAT to the L7 nodes rewrites the VIP to the node's own address: nginx
+    # can no longer tell two L7 listeners on one port apart.
+    l7_ports = {}
+    for path, lst in listeners:
+        if lst["tier"] == "l7" and lst["port"]:
+            l7_ports.setdefault(lst["port"], []).append((path, lst))
+    for port, entries in sorted(l7_ports.items()):
+        if len(entries) > 1:
+            for path, lst in entries:
+                if lst["forwarding"] == "nat":
+                    others = ", ".join(p for p, other in entries if other is not lst)
+                    errs.add(
+                        f"{path}.forwarding",
+                        f"nat hides the VIP from the L7 nodes, and {others} also uses port {port}: use dr or tun",
+                    )
+    certs = {}
+    for path, lst in listeners:
+        for i, cert in enumerate(lst.get("certificates") or []):
+            if not cert or not cert["name"] or cert["domains"] is None:
+                continue
+            seen = certs.setdefault(cert["name"], (path, cert))
+            if seen[1] is cert or seen[0] == path:  # twice in one listener: reported there
+                continue
+            for key in ("key_store", "domains"):
+                if seen[1][key] != cert[key] and seen[1][key] is not None and cert[key] is not None:
+                    errs.add(
+                        f"{path}.certificates[{i}].{key}",
+                        f"certificate {cert['name']!r} has "
+                        f"{key} {seen[1][key]!r} in {seen[0]}: one certificate, one definition",
+                    )
     for path, lst in listeners:
         r = lst.get("redirect_to_https")
         if r and r.get("port") and lst["vip"]:
@@ -1148,6 +1199,57 @@ def _ipvs_services(listeners, server_groups, nodes):
         )
     services.sort(key=lambda s: (_ip_key(s["vip"]), s["protocol"], s["port"]))
     return services
+
+
+def _vrrp_instances(cluster, vips):
+    # One instance per address family (keepalived keeps families apart), with
+    # fixed router ids (first id: IPv4, next: IPv6) so adding the other family
+    # later does not renumber a running instance. The NAT gateway moves with
+    # the VIPs of its family: NAT replies must leave through the director.
+    out = []
+    gw = cluster.get("nat_gateway")
+    for offset, family in enumerate((4, 6)):
+        addresses = [v["address"] for v in vips if v["family"] == family]
+        gateway = gw if gw and gw["family"] == family else None
+        if addresses or gateway:
+            out.append(
+                {
+                    "name": f"{cluster['name']}_v{family}",
+                    "family": family,
+                    "virtual_router_id": cluster["vrrp"]["virtual_router_id"] + offset,
+                    "vips": addresses,
+                    "gateway": gateway,
+                }
+            )
+    return out
+
+
+def _node_vips(services, nodes):
+    """VIPs each inventory host must accept as local: DR real servers hold
+    them on a loopback (with arp_ignore/arp_announce), TUN real servers on
+    their IP-in-IP tunnel device. Members given by address only and not in
+    the inventory are left to their owner."""
+    known = {n["name"] for group in ("l7_nodes", "backends") for n in nodes[group]}
+    out = {}
+    for svc in services:
+        if svc["forwarding"] == "nat":
+            continue
+        for rs in svc["real_servers"]:
+            if rs["name"] in known:
+                entry = out.setdefault(rs["name"], {"dr": set(), "tun": set()})
+                entry[svc["forwarding"]].add(svc["vip"])
+    return {host: {kind: sorted(v, key=_ip_key) for kind, v in entry.items()} for host, entry in sorted(out.items())}
+
+
+def _certificates(listeners):
+    """Every certificate once, with the listeners that serve it: what the key
+    servers and the L7 nodes must hold."""
+    certs = {}
+    for lst in listeners:
+        for cert in lst["certificates"]:
+            entry = certs.setdefault(cert["name"], {**cert, "listeners": []})
+            entry["listeners"].append(lst["name"])
+    return [certs[n] for n in sorted(certs)]
 
 
 def _ipvs_timeouts(listeners):

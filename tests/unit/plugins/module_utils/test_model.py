@@ -371,6 +371,7 @@ EXPECTED = {
     "cluster": {
         "name": "test",
         "id": "lb-test",
+        "nat_gateway": None,
         "vrrp": {"version": 3, "advert_int": 1, "virtual_router_id": 51},
         "sync": {
             "enabled": True,
@@ -441,6 +442,22 @@ EXPECTED = {
         {"address": "203.0.113.10", "family": 4, "listeners": ["web-tcp"]},
         {"address": "203.0.113.20", "family": 4, "listeners": ["site", "site-http"]},
         {"address": "2001:db8::10", "family": 6, "listeners": ["dns6"]},
+    ],
+    "vrrp_instances": [
+        {
+            "name": "test_v4",
+            "family": 4,
+            "virtual_router_id": 51,
+            "vips": ["203.0.113.10", "203.0.113.20"],
+            "gateway": None,
+        },
+        {"name": "test_v6", "family": 6, "virtual_router_id": 52, "vips": ["2001:db8::10"], "gateway": None},
+    ],
+    # dns6 is DR too, but its member is not an inventory host
+    "node_vips": {"l7-1": {"dr": ["203.0.113.20"], "tun": []}, "l7-2": {"dr": ["203.0.113.20"], "tun": []}},
+    "certificates": [
+        {"name": "main", "domains": ["example.com"], "key_store": "keyserver", "listeners": ["site"]},
+        {"name": "wild", "domains": ["*.example.com"], "key_store": "local", "listeners": ["site"]},
     ],
     "l7_listeners": [L_SITE, L_SITE_HTTP],
 }
@@ -962,7 +979,49 @@ CASES = {
         set_in("site-http", redirect_to_https={"port": 443, "code": 303}),
         ["listeners[site-http].redirect_to_https.code: 303 is not one of 301, 302, 307, 308"],
     ),
+    "one certificate, two definitions": (
+        lambda raw, nodes: raw["listeners"].append(
+            {
+                "name": "site2",
+                "protocol": "https",
+                "vip": "203.0.113.21",
+                "port": 443,
+                "server_group": "web",
+                "certificates": [{"name": "main", "domains": ["www.example.com"], "key_store": "local"}],
+            }
+        ),
+        [
+            "listeners[site2].certificates[0].key_store: certificate 'main' has key_store 'keyserver' in "
+            "listeners[site]: one certificate, one definition",
+            "listeners[site2].certificates[0].domains: certificate 'main' has domains ['example.com'] in "
+            "listeners[site]: one certificate, one definition",
+        ],
+    ),
+    "nat to l7 nodes with a shared port": (
+        lambda raw, nodes: raw["listeners"].append(
+            {
+                "name": "other",
+                "protocol": "http",
+                "vip": "203.0.113.30",
+                "port": 80,
+                "server_group": "web",
+                "forwarding": "nat",
+            }
+        ),
+        [
+            "listeners[other].forwarding: nat hides the VIP from the L7 nodes, and listeners[site-http] also uses "
+            "port 80: use dr or tun"
+        ],
+    ),
     # cluster
+    "nat gateway needs a prefix": (
+        lambda raw, nodes: raw["cluster"].update(nat_gateway="10.99.0.1"),
+        ["cluster.nat_gateway: '10.99.0.1' is not an address with a prefix length (10.99.0.1/24)"],
+    ),
+    "nat gateway is not the network address": (
+        lambda raw, nodes: raw["cluster"].update(nat_gateway="10.99.0.0/24"),
+        ["cluster.nat_gateway: '10.99.0.0/24' is the network or broadcast address of 10.99.0.0/24"],
+    ),
     "vrrp sub-second adverts need v3": (
         lambda raw, nodes: raw["cluster"].update(vrrp={"version": 2, "advert_int": 0.5}),
         ["cluster.vrrp.advert_int: 0.5: sub-second or fractional adverts need vrrp.version 3"],
@@ -1199,3 +1258,28 @@ def test_nodes_from_inventory():
             }
         },
     }
+
+
+def test_nat_gateway_joins_the_vrrp_instance_of_its_family_and_tun_vips():
+    raw = copy.deepcopy(RAW)
+    raw["cluster"]["nat_gateway"] = "10.99.0.1/24"
+    raw["listeners"] = [dict(listener(raw, "web-tcp"), port=8080, forwarding="tun")]
+    got = model.normalize(raw, NODES)
+    assert got["vrrp_instances"] == [
+        {
+            "name": "test_v4",
+            "family": 4,
+            "virtual_router_id": 51,
+            "vips": ["203.0.113.10"],
+            "gateway": {"address": "10.99.0.1", "prefix": 24, "family": 4, "network": "10.99.0.0/24"},
+        },
+    ]
+    assert got["node_vips"] == {"be1": {"dr": [], "tun": ["203.0.113.10"]}, "be2": {"dr": [], "tun": ["203.0.113.10"]}}
+
+
+def test_ipv6_only_model_numbers_its_instance_after_the_ipv4_slot():
+    raw = copy.deepcopy(RAW)
+    raw["listeners"] = [listener(raw, "dns6")]
+    assert [(i["name"], i["virtual_router_id"]) for i in model.normalize(raw, NODES)["vrrp_instances"]] == [
+        ("test_v6", 52)
+    ]
