@@ -96,6 +96,7 @@ _ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 _LABEL_RE = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
 # URL path prefixes end up inside nginx `location` lines: no quoting needed.
 _PATH_RE = re.compile(r"/[A-Za-z0-9._~%!$&'()*+,=:@/-]*")
+_COOKIE_RE = re.compile(r"[A-Za-z0-9_]{1,64}")
 _HOST_RE = re.compile(r"[A-Za-z0-9_.-]+")
 _TOKEN_RE = re.compile(r"[A-Za-z0-9!#$%&'*+.^_`|~-]+")  # RFC 9110 token
 _MISSING = object()
@@ -513,7 +514,8 @@ _RULE = {
 _COOKIE = {
     "type": _Enum(("insert", "rewrite")),
     "timeout": _Int(1, 86400, default=None, nullable=True),
-    "name": _Str(_TOKEN_RE, "a cookie name (an HTTP token)", default=None, nullable=True),
+    # nginx reads cookies as $cookie_<name>: letters, digits and _ only
+    "name": _Str(_COOKIE_RE, "a cookie name ([A-Za-z0-9_], at most 64)", default=None, nullable=True),
 }
 _REDIRECT = {
     "port": _Int(1, 65535),
@@ -588,6 +590,7 @@ def nodes_from_inventory(groups, hostvars):
             nodes[group][host] = {
                 "front_address": _hv(hv, "openclb_front_address"),
                 "internal_address": _hv(hv, "openclb_internal_address"),
+                "internal_address6": _hv(hv, "openclb_internal_address6"),
                 "front_interface": _hv(hv, "openclb_front_interface"),
                 "internal_interface": _hv(hv, "openclb_internal_interface"),
             }
@@ -621,6 +624,15 @@ def _build_nodes(errs, nodes, need_l7):
                     continue
                 addr = _ip(errs, f"nodes[{host}].openclb_{key}", value)
                 entry[key] = None if addr is None else str(addr)
+            # dual stack: a second internal address, for IPv6 VIPs (L7 nodes)
+            value = spec.get("internal_address6")
+            entry["internal_address6"] = None
+            if value not in (None, ""):
+                addr = _ip(errs, f"nodes[{host}].openclb_internal_address6", value)
+                if addr is not None and addr.version != 6:
+                    errs.add(f"nodes[{host}].openclb_internal_address6", f"{value!r} is not an IPv6 address")
+                elif addr is not None:
+                    entry["internal_address6"] = str(addr)
             for key in ("front_interface", "internal_interface"):
                 entry[key] = spec.get(key)
             out[group].append(entry)
@@ -776,6 +788,15 @@ def _build_server_groups(errs, raw_groups, backends):
     if len(distinct) > MAX_BACKENDS:
         errs.add("server_groups", f"{len(distinct)} distinct backend addresses, at most {MAX_BACKENDS} allowed")
     return out
+
+
+def _node_address(node, family):
+    """The node's internal address of one family, or None."""
+    for key in ("internal_address", "internal_address6"):
+        a = node.get(key)
+        if a and ipaddress.ip_address(a).version == family:
+            return a
+    return None
 
 
 def _hostport(address, port):
@@ -1018,14 +1039,15 @@ def _cross_listener_checks(errs, listeners, nodes):
                 errs.add(f"{path}.redirect_to_https", f"no https listener on {_hostport(lst['vip'], r['port'])}")
         if lst["tier"] == "l7" and not nodes["l7_nodes"]:
             errs.add(f"{path}.protocol", f"{lst['protocol']} listeners need hosts in the l7_nodes group (it is empty)")
-        if lst["tier"] == "l7" and lst["family"]:
+        if lst["tier"] == "l7" and lst["family"] and lst["forwarding"] not in (None, "tun"):
             for n in nodes["l7_nodes"]:
                 a = n["internal_address"]
-                if a and lst["forwarding"] != "tun" and ipaddress.ip_address(a).version != lst["family"]:
+                if a and _node_address(n, lst["family"]) is None:
                     errs.add(
                         f"{path}.forwarding",
-                        f"{lst['forwarding']} needs L7 nodes of the VIP's family "
-                        f"(IPv{lst['family']}): {n['name']} is {a}",
+                        f"{lst['forwarding']} needs L7 nodes with an address of the VIP's family "
+                        f"(IPv{lst['family']}): {n['name']} has {a}"
+                        + (" (set openclb_internal_address6)" if lst["family"] == 6 else ""),
                     )
 
 
@@ -1159,7 +1181,7 @@ def _ipvs_services(listeners, server_groups, nodes):
             rs = [
                 {
                     "name": n["name"],
-                    "address": n["internal_address"],
+                    "address": _node_address(n, lst["family"]) or n["internal_address"],  # tun: any family
                     "port": lst["port"],
                     "weight": 1,
                     "forwarding": lst["forwarding"],

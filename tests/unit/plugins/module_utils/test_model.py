@@ -156,6 +156,7 @@ def node(name, internal, front=None, fif=None, iif=None):
         "name": name,
         "front_address": front,
         "internal_address": internal,
+        "internal_address6": None,
         "front_interface": fif,
         "internal_interface": iif,
     }
@@ -760,8 +761,10 @@ CASES = {
     "l7 dr across families": (
         set_in("site", vip="2001:db8::20"),
         [
-            "listeners[site].forwarding: dr needs L7 nodes of the VIP's family (IPv6): l7-1 is 10.99.0.21",
-            "listeners[site].forwarding: dr needs L7 nodes of the VIP's family (IPv6): l7-2 is 10.99.0.22",
+            "listeners[site].forwarding: dr needs L7 nodes with an address of the VIP's family (IPv6): l7-1 has "
+            "10.99.0.21 (set openclb_internal_address6)",
+            "listeners[site].forwarding: dr needs L7 nodes with an address of the VIP's family (IPv6): l7-2 has "
+            "10.99.0.22 (set openclb_internal_address6)",
             "listeners[site-http].redirect_to_https: no https listener on 203.0.113.20:443",
         ],
     ),
@@ -966,6 +969,10 @@ CASES = {
     "cookie rewrite without name": (
         set_in("site", cookie={"type": "rewrite"}),
         ["listeners[site].cookie.name: is required for cookie type rewrite (the cookie the backend sets)"],
+    ),
+    "cookie name nginx cannot read": (
+        set_in("site", cookie={"type": "rewrite", "name": "my-session"}),
+        ["listeners[site].cookie.name: 'my-session' is not a cookie name ([A-Za-z0-9_], at most 64)"],
     ),
     "cookie rewrite with timeout": (
         set_in("site", cookie={"type": "rewrite", "name": "SESSION", "timeout": 60}),
@@ -1243,6 +1250,7 @@ def test_nodes_from_inventory():
             "lvs1": {
                 "front_address": "203.0.113.11",
                 "internal_address": "10.99.0.11",
+                "internal_address6": None,
                 "front_interface": "front",
                 "internal_interface": "internal",
             }
@@ -1253,6 +1261,7 @@ def test_nodes_from_inventory():
             "be1": {
                 "front_address": None,
                 "internal_address": "10.99.0.41",
+                "internal_address6": None,
                 "front_interface": None,
                 "internal_interface": None,
             }
@@ -1283,3 +1292,26 @@ def test_ipv6_only_model_numbers_its_instance_after_the_ipv4_slot():
     assert [(i["name"], i["virtual_router_id"]) for i in model.normalize(raw, NODES)["vrrp_instances"]] == [
         ("test_v6", 52)
     ]
+
+
+def test_dual_stack_l7_nodes_serve_ipv6_vips_from_their_second_address():
+    nodes = copy.deepcopy(NODES)
+    nodes["l7_nodes"]["l7-1"]["internal_address6"] = "2001:db8:99::21"
+    nodes["l7_nodes"]["l7-2"]["internal_address6"] = "2001:DB8:99::22"
+    raw = copy.deepcopy(RAW)
+    listener(raw, "site")["vip"] = "2001:db8::20"
+    listener(raw, "site-http")["vip"] = "2001:db8::20"
+    got = model.normalize(raw, nodes)
+    svc = next(s for s in got["ipvs_services"] if s["listener"] == "site")
+    assert [(rs["name"], rs["address"]) for rs in svc["real_servers"]] == [
+        ("l7-1", "2001:db8:99::21"),
+        ("l7-2", "2001:db8:99::22"),
+    ]
+    assert got["node_vips"]["l7-1"] == {"dr": ["2001:db8::20"], "tun": []}
+
+
+def test_internal_address6_must_be_ipv6():
+    def mutate(raw, nodes):
+        nodes["l7_nodes"]["l7-1"]["internal_address6"] = "10.99.0.121"
+
+    assert errors_after(mutate) == ["nodes[l7-1].openclb_internal_address6: '10.99.0.121' is not an IPv6 address"]
