@@ -935,7 +935,7 @@ def _check_l7(errs, path, lst, raw, server_groups):
     ck = lst["cookie"]
     if ck is not None and ck["type"] is not None:
         if ck["type"] == "rewrite":
-            if ck["name"] is None:
+            if ck["name"] is None and (raw.get("cookie") or {}).get("name") is None:
                 errs.add(f"{path}.cookie.name", "is required for cookie type rewrite (the cookie the backend sets)")
             if ck["timeout"] is not None:
                 errs.add(f"{path}.cookie.timeout", "only valid for cookie type insert")
