@@ -16,8 +16,8 @@ description:
     and C(openclb_listeners) together with the node addresses of the inventory groups C(lvs_nodes),
     C(l7_nodes), C(key_servers) and C(backends) (host variables C(openclb_front_address),
     C(openclb_internal_address)).
-  - Fails listing every error, each naming the listener and the field, for example
-    C(listeners[tcp-web].health_check.interval: 0 is out of range 1-50).
+  - "Fails listing every error, each naming the listener and the field, for example
+    C(listeners[tcp-web].health_check.interval: 0 is out of range 1-50)."
   - Runs on the controller and never changes anything. The rules are documented in docs/model.md.
 options:
   cluster:
@@ -67,7 +67,7 @@ summary:
     vips: [203.0.113.10, 203.0.113.20, 203.0.113.30]
     server_groups: 5
 errors:
-  description: Every error found, each C(path: problem).
+  description: "Every error found, each C(path: problem)."
   returned: failure
   type: list
   elements: str
