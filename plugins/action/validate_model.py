@@ -14,7 +14,7 @@ _PARTS = {"cluster": "openclb_cluster", "server_groups": "openclb_server_groups"
 class ActionModule(ActionBase):
     TRANSFERS_FILES = False
     _requires_connection = False
-    _VALID_ARGS = frozenset(_PARTS)
+    _VALID_ARGS = frozenset((*_PARTS, "publish"))
 
     def run(self, tmp=None, task_vars=None):
         result = super().run(tmp, task_vars)
@@ -29,14 +29,23 @@ class ActionModule(ActionBase):
         raw = {k: v for k, v in raw.items() if v is not None}
         nodes = lb.nodes_from_inventory(task_vars.get("groups", {}), task_vars.get("hostvars", {}))
 
-        errors = lb.validate(raw, nodes)
         result["changed"] = False
-        if errors:
+        try:
+            model = lb.normalize(raw, nodes)
+        except lb.ModelError as exc:
             result["failed"] = True
-            result["errors"] = errors
-            result["msg"] = f"{len(errors)} error(s) in the openclb model:\n" + "\n".join(errors)
+            result["errors"] = exc.errors
+            result["msg"] = f"{len(exc.errors)} error(s) in the openclb model:\n" + "\n".join(exc.errors)
             return result
-        summary = lb.summary(lb.normalize(raw, nodes))
+        if self._task.args.get("publish"):
+            # With run_once the fact reaches every host of the play: the
+            # tiers render from it without recomputing it per host.
+            result["ansible_facts"] = {"openclb_model": model}
+            # the model is large: -v shows the summary of the check, not this
+            result["_ansible_verbose_override"] = True
+            result["msg"] = "openclb_model published"
+            return result
+        summary = lb.summary(model)
         result["summary"] = summary
         listeners = ", ".join(f"{n} {p}" for p, n in summary["listeners"].items() if n)
         result["msg"] = (

@@ -30,6 +30,13 @@ options:
     description: The listeners. Defaults to the variable C(openclb_listeners).
     type: list
     elements: dict
+  publish:
+    description:
+      - Instead of the summary, return the normalised model as the fact C(openclb_model).
+      - With C(run_once) Ansible gives that fact to every host of the play, so the tiers render from one
+        computed model. The result is not shown with C(-v) (it is large).
+    type: bool
+    default: false
 attributes:
   action:
     support: full
@@ -49,6 +56,11 @@ EXAMPLES = r"""
 - name: Validate the load-balancer model
   openclb.lb.validate_model:
 
+- name: Give every host of the play the normalised model as openclb_model
+  openclb.lb.validate_model:
+    publish: true
+  run_once: true
+
 - name: Validate a candidate listener list before committing it to the inventory
   openclb.lb.validate_model:
     listeners: "{{ candidate_listeners }}"
@@ -66,6 +78,14 @@ summary:
     real_servers: 22
     vips: [203.0.113.10, 203.0.113.20, 203.0.113.30]
     server_groups: 5
+ansible_facts:
+  description: The normalised model (docs/model.md).
+  returned: with O(publish=true)
+  type: dict
+  contains:
+    openclb_model:
+      description: cluster, nodes, server_groups, listeners, ipvs_services, vips, vrrp_instances, ...
+      type: dict
 errors:
   description: "Every error found, each C(path: problem)."
   returned: failure

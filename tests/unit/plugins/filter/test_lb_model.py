@@ -60,7 +60,7 @@ def test_filter_rejects_a_non_mapping():
         lb_model([], GROUPS, HOSTVARS)
 
 
-def run_playbook(collections_path, inventory, playbook):
+def run_playbook(collections_path, inventory, playbook, *args):
     env = dict(
         os.environ,
         ANSIBLE_COLLECTIONS_PATH=collections_path,
@@ -71,7 +71,7 @@ def run_playbook(collections_path, inventory, playbook):
         ANSIBLE_INVENTORY_UNPARSED_WARNING="0",
     )
     return subprocess.run(
-        [PLAYBOOK, "-i", inventory, playbook],
+        [PLAYBOOK, "-i", inventory, playbook, *args],
         cwd=ROOT,
         env=env,
         capture_output=True,
@@ -98,9 +98,37 @@ def broken_lab(tmp_path):
 
 
 def test_validate_play_passes_on_the_lab_model(collections_path):
-    res = run_playbook(collections_path, LAB, os.path.join(ROOT, "playbooks", "validate.yml"))
+    res = run_playbook(collections_path, LAB, os.path.join(ROOT, "playbooks", "validate.yml"), "--check", "-v")
     assert res.returncode == 0, res.stdout + res.stderr
-    assert "ok=1" in res.stdout and "changed=0" in res.stdout
+    assert "model lab is valid: 4 tcp, 1 udp, 2 http, 1 https; 8 IPVS services, 21 real servers, 3 VIPs" in res.stdout
+    assert "ok=2    changed=0" in res.stdout
+
+
+SITE = """
+- name: Validate
+  ansible.builtin.import_playbook: {validate}
+- name: A tier
+  hosts: l7_nodes
+  gather_facts: false
+  tasks:
+    - name: Read the published model
+      ansible.builtin.debug:
+        msg: "{{{{ inventory_hostname }}}} sees {{{{ openclb_model.l7_listeners | map(attribute='name') | join(',') }}}}"
+      delegate_to: localhost
+"""
+
+
+def test_limit_cannot_skip_validation_and_every_host_gets_the_model(collections_path, tmp_path, broken_lab):
+    # lab guests are not up: passing proves no host is contacted
+    site = tmp_path / "site.yml"
+    site.write_text(SITE.format(validate=os.path.join(ROOT, "playbooks", "validate.yml")))
+    res = run_playbook(collections_path, LAB, str(site), "--limit", "l7-2")
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "l7-2 sees http-redirect,http-web,https-web" in res.stdout
+    res = run_playbook(collections_path, broken_lab, str(site), "--limit", "l7-2")
+    assert res.returncode == 2, res.stdout + res.stderr
+    assert "listeners[tcp-web].health_check.interval: 0 is out of range 1-50" in res.stdout
+    assert " sees " not in res.stdout
 
 
 def test_validate_play_fails_naming_every_field(collections_path, broken_lab):
