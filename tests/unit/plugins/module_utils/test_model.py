@@ -1315,3 +1315,31 @@ def test_internal_address6_must_be_ipv6():
         nodes["l7_nodes"]["l7-1"]["internal_address6"] = "10.99.0.121"
 
     assert errors_after(mutate) == ["nodes[l7-1].openclb_internal_address6: '10.99.0.121' is not an IPv6 address"]
+
+
+def test_example_inventory_model_is_valid():
+    # inventories/example is the model users copy: it must stay valid. Its
+    # addresses are literal, so hosts.yml is read here without Ansible.
+    yaml = pytest.importorskip("yaml")
+    root = os.path.join(os.path.dirname(__file__), *[".."] * 4, "inventories", "example")
+    with open(os.path.join(root, "hosts.yml")) as f:
+        inventory = yaml.safe_load(f)
+    with open(os.path.join(root, "group_vars", "all", "openclb.yml")) as f:
+        gv = yaml.safe_load(f)
+    keys = {"front_address", "internal_address", "internal_address6"}
+    nodes = {
+        group: {
+            host: {k: hv.get(f"openclb_{k}") for k in keys}
+            for host, hv in inventory["all"]["children"][group]["hosts"].items()
+        }
+        for group in model.NODE_GROUPS
+    }
+    raw = {
+        "cluster": gv["openclb_cluster"],
+        "server_groups": gv["openclb_server_groups"],
+        "listeners": gv["openclb_listeners"],
+    }
+    assert model.validate(raw, nodes) == []
+    got = model.normalize(raw, nodes)
+    assert model.summary(got)["listeners"] == {"tcp": 1, "udp": 1, "http": 2, "https": 2}
+    assert [i["virtual_router_id"] for i in got["vrrp_instances"]] == [61, 62]
