@@ -1217,6 +1217,24 @@ def _ipvs_services(listeners, server_groups, nodes):
                 "acl": copy.deepcopy(lst["acl"]),
                 "real_servers": rs,
                 "health_check": copy.deepcopy(hc),
+                # exactly the options of openclb.lb.ipvs_services / ipvs_virtual_server
+                "kernel": {
+                    "protocol": lst["transport"],
+                    "address": lst["vip"],
+                    "port": lst["port"],
+                    "scheduler": scheduler,
+                    "persistence": persistence,
+                    "flags": list(flags),
+                    "real_servers": [
+                        {
+                            "address": r["address"],
+                            "port": r["port"],
+                            "forwarding": r["forwarding"],
+                            "weight": r["weight"],
+                        }
+                        for r in rs
+                    ],
+                },
             }
         )
     services.sort(key=lambda s: (_ip_key(s["vip"]), s["protocol"], s["port"]))

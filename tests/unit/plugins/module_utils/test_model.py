@@ -332,6 +332,22 @@ L_SITE_HTTP = {
 }
 
 
+def kernel(svc):
+    """The module-ready projection of a service (openclb.lb.ipvs_services options)."""
+    return {
+        "protocol": svc["protocol"],
+        "address": svc["vip"],
+        "port": svc["port"],
+        "scheduler": svc["scheduler"],
+        "persistence": svc["persistence"],
+        "flags": svc["flags"],
+        "real_servers": [
+            {"address": r["address"], "port": r["port"], "forwarding": r["forwarding"], "weight": r["weight"]}
+            for r in svc["real_servers"]
+        ],
+    }
+
+
 def l7_service(listener, port):
     return {
         "listener": listener,
@@ -462,6 +478,38 @@ EXPECTED = {
     ],
     "l7_listeners": [L_SITE, L_SITE_HTTP],
 }
+
+
+for _svc in EXPECTED["ipvs_services"]:
+    _svc["kernel"] = kernel(_svc)
+
+
+def test_kernel_projection_is_what_the_ipvs_modules_take():
+    services = {s["listener"]: s["kernel"] for s in model.normalize(RAW, NODES)["ipvs_services"]}
+    assert services["web-tcp"] == {
+        "protocol": "tcp",
+        "address": "203.0.113.10",
+        "port": 80,
+        "scheduler": "sh",
+        "persistence": 0,
+        "flags": [],
+        "real_servers": [
+            {"address": "10.99.0.41", "port": 8080, "forwarding": "nat", "weight": 100},
+            {"address": "10.99.0.42", "port": 8080, "forwarding": "nat", "weight": 2},
+        ],
+    }
+    assert services["site"] == {
+        "protocol": "tcp",
+        "address": "203.0.113.20",
+        "port": 443,
+        "scheduler": "mh",
+        "persistence": 0,
+        "flags": ["mh-fallback", "mh-port"],
+        "real_servers": [
+            {"address": "10.99.0.21", "port": 443, "forwarding": "dr", "weight": 1},
+            {"address": "10.99.0.22", "port": 443, "forwarding": "dr", "weight": 1},
+        ],
+    }
 
 
 def test_golden_normalised_form():
