@@ -178,16 +178,13 @@ def _server_line(m, up, down, backup=False):
         addr = "[%s]:%d" % (m["address"], m["port"])
     else:
         addr = "%s:%d" % (m["address"], m["port"])
-    weight = m.get("weight", 1)
-    parts = ["server", addr]
-    if weight > 0:
-        parts.append("weight=%d" % weight)
+    parts = ["server", addr, "weight=%d" % max(1, m.get("weight", 1))]
     parts.append("max_fails=%d" % up.get("max_fails", 1))
     parts.append("fail_timeout=%ds" % up.get("fail_timeout", 10))
     if backup:
         parts.append("backup")
-    # weight 0 (drain) and failed backends take no new requests
-    if down or weight <= 0:
+    # weight 0 (the model's `down`: drain) and failed backends take no new requests
+    if down or m.get("down"):
         parts.append("down")
     return "    %s;  # %s" % (" ".join(parts), m["name"])
 
@@ -207,7 +204,7 @@ def render_upstreams(cfg, states):
         for m in up["members"]:
             key = probe_key(m, check)
             down[m["id"]] = check["type"] != "none" and states.get(key, UP) == DOWN
-        usable = [m for m in up["members"] if m.get("weight", 1) > 0]
+        usable = [m for m in up["members"] if not m.get("down")]
         if cfg.get("fail_open", True) and usable and all(down[m["id"]] for m in usable):
             down = dict.fromkeys(down, False)
         out.append("")

@@ -29,11 +29,3 @@ def healthd():
 @pytest.fixture(scope="session")
 def vips_mod():
     return _load("openclb_l7_vips", os.path.join(ROLE, "files", "openclb-l7-vips.py"))
-
-
-@pytest.fixture(scope="session")
-def policies():
-    import yaml
-
-    with open(os.path.join(ROLE, "vars", "main.yml"), encoding="utf-8") as fh:
-        return yaml.safe_load(fh)["l7_tls_policies"]

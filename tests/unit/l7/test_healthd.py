@@ -9,8 +9,8 @@ import pytest
 
 
 @pytest.fixture
-def cfg(plan_mod, policies, tmp_path):
-    p = plan_mod.openclb_l7_plan(model_fixture.normalised(), policies, {})
+def cfg(plan_mod, tmp_path):
+    p = plan_mod.openclb_l7_plan(model_fixture.normalised(), "l7a", {})
     return {
         "upstreams": p["upstreams"],
         "upstreams_file": str(tmp_path / "upstreams.conf"),
@@ -54,8 +54,8 @@ def test_render_marks_down_and_fails_open(healthd, cfg):
     k1, k2 = (healthd.probe_key(m, web["check"]) for m in web["members"])
     text = healthd.render_upstreams(cfg, {k1: "down"})
     block = text.split("upstream %s {" % web["name"])[1].split("}")[0]
-    assert "server 10.99.0.21:8080 weight=1 max_fails=1 fail_timeout=10s down;" in block
-    assert "server 10.99.0.22:8080 weight=1 max_fails=1 fail_timeout=10s;" in block
+    assert "server 10.99.0.21:8080 weight=100 max_fails=1 fail_timeout=10s down;" in block
+    assert "server 10.99.0.22:8080 weight=100 max_fails=1 fail_timeout=10s;" in block
     text = healthd.render_upstreams(cfg, {k1: "down", k2: "down"})
     block = text.split("upstream %s {" % web["name"])[1].split("}")[0]
     assert " down;" not in block  # all failed: fail open
@@ -72,10 +72,10 @@ def test_render_sticky_per_backend_upstreams(healthd, cfg):
 
 
 def test_weight_zero_is_down(healthd, cfg):
-    up = cfg["upstreams"][0]
-    up["members"][0]["weight"] = 0
+    up = next(u for u in cfg["upstreams"] if u["name"] == "web__web")
+    up["members"][0].update(weight=1, down=True)  # the model's form of weight 0
     text = healthd.render_upstreams(cfg, {})
-    assert "server 10.99.0.21:8080 max_fails=1 fail_timeout=10s down;" in text
+    assert "server 10.99.0.21:8080 weight=1 max_fails=1 fail_timeout=10s down;  # be1" in text
 
 
 class FakeServer:
@@ -199,7 +199,7 @@ def test_render_command_and_saved_state(healthd, cfg, tmp_path, capsys):
     out = tmp_path / "out.conf"
     assert healthd.main(["render", "--config", str(cfg_path), "--output", str(out)]) == 0
     assert "changed" in capsys.readouterr().out
-    assert "server 10.99.0.21:8080 weight=1 max_fails=1 fail_timeout=10s down;" in out.read_text()
+    assert "server 10.99.0.21:8080 weight=100 max_fails=1 fail_timeout=10s down;" in out.read_text()
     healthd.main(["render", "--config", str(cfg_path), "--output", str(out)])
     assert capsys.readouterr().out == ""  # unchanged
 

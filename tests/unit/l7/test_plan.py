@@ -1,4 +1,4 @@
-"""openclb_l7_plan: the routing decisions the nginx templates render."""
+"""openclb_l7_plan: what the nginx templates and openclb-healthd get."""
 
 import copy
 
@@ -6,8 +6,8 @@ import model_fixture
 import pytest
 
 
-def plan(plan_mod, policies, model=None, **settings):
-    return plan_mod.openclb_l7_plan(model or model_fixture.normalised(), policies, settings)
+def plan(plan_mod, raw=None, node="l7a", **settings):
+    return plan_mod.openclb_l7_plan(model_fixture.normalised(raw), node, settings)
 
 
 def listener(p, name):
@@ -18,156 +18,138 @@ def server(li, name):
     return next(s for s in li["servers"] if name in s["server_names"])
 
 
-def test_domain_matching_ranks(plan_mod):
-    m = plan_mod.domain_matches
-    assert m("www.example.com", "www.example.com") > m("*.example.com", "www.example.com")
-    assert m("*.b.example.com", "a.b.example.com") > m("*.example.com", "a.b.example.com")
-    assert m("*.example.com", "example.com") is None
-    assert m("*.example.com", "www.example.org") is None
+def raw_with(name, **fields):
+    raw = model_fixture.raw()
+    next(li for li in raw["listeners"] if li["name"] == name).update(fields)
+    return raw
 
 
-def test_one_upstream_per_listener_and_group(plan_mod, policies):
-    p = plan(plan_mod, policies)
-    web = [u for u in p["upstreams"] if u["listener"] == "web"]
-    assert sorted(u["group"] for u in web) == ["api", "static", "web"]
-    assert len({u["name"] for u in p["upstreams"]}) == len(p["upstreams"])
+def test_listens_on_the_vip_and_once_per_port_on_the_node_address(plan_mod):
+    raw = model_fixture.raw()
+    raw["listeners"].append(dict(copy.deepcopy(raw["listeners"][1]), name="other", vip="203.0.113.30"))
+    p = plan(plan_mod, raw)
+    assert listener(p, "web")["listen"] == ["203.0.113.10:80", "10.99.0.1:80"]
+    # two listeners on port 8080: one of them owns 10.99.0.1:8080
+    owners = [li["name"] for li in p["listeners"] if "10.99.0.1:8080" in li["listen"]]
+    assert owners == ["other"]
+    assert listener(p, "sticky")["listen"] == ["203.0.113.10:8080"]
+    # without a node name (ad-hoc use) only the VIPs
+    assert listener(plan(plan_mod, node=None), "web")["listen"] == ["203.0.113.10:80"]
 
 
-def test_rules_exact_domain_before_wildcard_and_longest_path(plan_mod, policies):
-    li = listener(plan(plan_mod, policies), "web")
-    default = server(li, "_")
-    assert default["default"]
-    assert [(loc["path"], loc["server_group"]) for loc in default["locations"]] == [
-        ("/static", "static"), ("/", "web")]
-    www = server(li, "www.example.com")
-    assert [(loc["path"], loc["server_group"]) for loc in www["locations"]] == [
-        ("/api", "api"), ("/", "web")]
-    wild = server(li, "*.example.com")
-    assert [(loc["path"], loc["server_group"]) for loc in wild["locations"]] == [("/", "static")]
+def test_vips_are_the_nodes_dr_vips(plan_mod):
+    assert plan(plan_mod)["vips"] == ["203.0.113.10"]
+    assert plan(plan_mod, node="elsewhere")["vips"] == []
 
 
-def test_longest_prefix_order(plan_mod, policies):
-    model = model_fixture.normalised()
-    model["l7_listeners"][0]["rules"] = [
-        {"domain": None, "path": "/a", "server_group": "api"},
-        {"domain": None, "path": "/a/b/c", "server_group": "static"},
-        {"domain": None, "path": "/a/b", "server_group": "web"},
-    ]
-    li = listener(plan(plan_mod, policies, model), "web")
-    assert [loc["path"] for loc in server(li, "_")["locations"]] == ["/a/b/c", "/a/b", "/a", "/"]
+def test_servers_follow_the_model_vhosts(plan_mod):
+    web = listener(plan(plan_mod), "web")
+    assert [s["server_names"] for s in web["servers"]] == [["www.example.com"], ["*.example.com"], ["_"]]
+    assert [s["default"] for s in web["servers"]] == [False, False, True]
+    www = server(web, "www.example.com")
+    assert [(loc["path"], loc["upstream"], loc["server_group"]) for loc in www["locations"]] == [
+        ("/api", "web__api", "api"), ("/", "web__web", "web")]
+    assert www["locations"][0]["route_var"] is None  # no cookie on this listener
 
 
-def test_sni_certificate_choice(plan_mod, policies):
-    model = model_fixture.normalised()
-    secure = model["l7_listeners"][3]
-    secure["certificates"].append({"name": "wild", "domains": ["*.example.net"], "key_store": "local"})
-    secure["rules"] = [{"domain": "shop.example.net", "path": None, "server_group": "api"}]
-    li = listener(plan(plan_mod, policies, model), "secure")
-    assert server(li, "_")["certificate"] == "www"           # first is the default
-    assert server(li, "api.example.net")["certificate"] == "api"  # exact beats wildcard
-    assert server(li, "shop.example.net")["certificate"] == "wild"
-    assert server(li, "shop.example.net")["locations"][0]["server_group"] == "api"
-    # a certificate-only name routes like the default server
-    assert server(li, "www.example.com")["locations"] == server(li, "_")["locations"]
-
-
-def test_tls_policy_and_key_paths(plan_mod, policies):
-    p = plan(plan_mod, policies, tls_dir="/etc/openclb/tls")
-    tls = listener(p, "secure")["tls"]
-    assert tls["protocols"] == ["TLSv1.2"]
-    assert all(c.startswith("ECDHE-") for c in tls["ciphers"].split(":"))
-    assert tls["certificates"][0]["key"] == "/etc/openclb/tls/private/www.key"
-    assert tls["certificates"][0]["certificate"] == "/etc/openclb/tls/www.crt"
+def test_certificates_keys_and_policy(plan_mod):
+    p = plan(plan_mod, tls_dir="/etc/openclb/tls")
+    secure = listener(p, "secure")
+    assert secure["tls"]["protocols"] == ["TLSv1.2"]
+    assert all(c.startswith("ECDHE-") for c in secure["tls"]["ciphers"].split(":"))
+    assert server(secure, "api.example.net")["certificates"][0]["certificate"] == "/etc/openclb/tls/api.crt"
+    default = server(secure, "_")["certificates"][0]
+    assert default["key"] == "/etc/openclb/tls/private/www.key" and default["key_store"] == "local"
     assert listener(p, "legacy")["tls"]["protocols"] == ["TLSv1", "TLSv1.1", "TLSv1.2"]
     assert not p["keyserver"]
     assert [c["name"] for c in p["certificates"]] == ["api", "www"]
+    assert listener(p, "secure")["http2"] and not listener(p, "legacy")["http2"]
 
 
-def test_keyserver_key_is_a_pkcs11_uri(plan_mod, policies):
-    model = model_fixture.normalised()
-    model["l7_listeners"][3]["certificates"][0]["key_store"] = "keyserver"
-    p = plan(plan_mod, policies, model)
-    key = listener(p, "secure")["tls"]["certificates"][0]["key"]
+def test_keyserver_key_is_a_pkcs11_uri(plan_mod):
+    raw = model_fixture.raw()
+    for li in raw["listeners"]:
+        for c in li.get("certificates", []):
+            if c["name"] == "www":
+                c["key_store"] = "keyserver"
+    p = plan(plan_mod, raw)
+    key = server(listener(p, "secure"), "_")["certificates"][0]["key"]
     assert key == '"engine:pkcs11:pkcs11:token=openclb-lab;object=www;type=private"'
     assert p["keyserver"]
 
 
-def test_cookie_insert_and_rewrite(plan_mod, policies):
-    p = plan(plan_mod, policies, cookie_insert_name="SRV")
-    sticky = listener(p, "sticky")
-    assert sticky["cookie"] == {"type": "insert", "name": "SRV", "route_cookie": "SRV", "timeout": 3600}
+def test_cookie_insert(plan_mod):
+    sticky = listener(plan(plan_mod), "sticky")
+    assert sticky["cookie"] == {"type": "insert", "name": "OPENCLB_SRV", "route_cookie": "OPENCLB_SRV",
+                                "timeout": 3600}
     sc = sticky["setcookies"][0]
-    assert sc["members"][0]["value"] == "SRV=%s; Max-Age=3600; Path=/; HttpOnly" % sc["members"][0]["id"]
-    assert sc["members"][0]["addr_regex"] == r"10\.99\.0\.21:8080"
-    rewrite = listener(p, "rewrite")
+    first = sc["members"][0]
+    assert first["value"] == "OPENCLB_SRV=" + first["id"] + "; Max-Age=3600; Path=/; HttpOnly"
+    assert first["addr_regex"] == r"10\.99\.0\.21:8080"
+    loc = sticky["servers"][0]["locations"][0]
+    assert loc["route_var"] == sc["route_var"] and loc["setcookie_var"] == sc["var"]
+
+
+def test_cookie_rewrite_uses_a_companion_cookie(plan_mod):
+    rewrite = listener(plan(plan_mod), "rewrite")
     assert rewrite["cookie"]["route_cookie"] == "APPSESSION_openclb"
     assert "Max-Age" not in rewrite["setcookies"][0]["members"][0]["value"]
-    assert all(u["sticky"] for u in p["upstreams"] if u["listener"] in ("sticky", "rewrite"))
-    assert not any(u["sticky"] for u in p["upstreams"] if u["listener"] == "web")
 
 
-def test_member_ids_are_stable_and_opaque(plan_mod):
-    a = plan_mod.member_id("10.99.0.21", 8080)
-    assert a == plan_mod.member_id("10.99.0.21", 8080) != plan_mod.member_id("10.99.0.21", 8081)
-    assert "10" not in a[:0] and len(a) == 12
+def test_secure_flag_on_https_cookies(plan_mod):
+    p = plan(plan_mod, raw_with("secure", cookie={"type": "insert", "timeout": 60}))
+    assert listener(p, "secure")["setcookies"][0]["members"][0]["value"].endswith("; Secure")
+
+
+def test_upstreams_for_healthd(plan_mod):
+    p = plan(plan_mod, max_fails=2, fail_timeout=5)
+    ups = {u["name"]: u for u in p["upstreams"]}
+    assert set(ups) == {"web__api", "web__static", "web__web", "sticky__web", "rewrite__web",
+                        "secure__web", "legacy__web"}  # the redirect listener proxies nothing
+    web = ups["web__web"]
+    assert web["check"] == {
+        "type": "http", "port": None, "interval": 1, "timeout": 1, "healthy_threshold": 2,
+        "unhealthy_threshold": 2, "http": {"method": "GET", "uri": "/health", "host": None, "status": [2, 3]}}
+    assert (web["max_fails"], web["fail_timeout"], web["sticky"]) == (2, 5, False)
+    assert ups["sticky__web"]["sticky"]
+    assert web["members"][0]["addr"] == "10.99.0.21:8080" and len(web["members"][0]["id"]) == 12
+
+
+def test_member_ids(plan_mod):
+    assert plan_mod.member_id("10.99.0.21", 8080) != plan_mod.member_id("10.99.0.21", 8081)
     assert plan_mod.hostport("2001:db8::1", 80) == "[2001:db8::1]:80"
+    assert plan_mod.ident("web__a-b") != plan_mod.ident("web__a_b")
 
 
-def test_ipv6_vip_listen(plan_mod, policies):
-    model = model_fixture.normalised()
-    model["l7_listeners"][0]["vip"] = "2001:db8::10"
-    p = plan(plan_mod, policies, model)
-    assert listener(p, "web")["listen"] == "[2001:db8::10]:80"
-    assert {"address": "2001:db8::10", "family": 6} in p["vips"]
-
-
-def test_headers(plan_mod, policies):
-    li = listener(plan(plan_mod, policies), "web")
-    headers = dict(li["headers"])
+def test_headers(plan_mod):
+    headers = dict(listener(plan(plan_mod), "web")["headers"])
     assert headers["X-Forwarded-For"] == "$proxy_add_x_forwarded_for"
-    assert headers["X-Openclb-Lb-Id"] == "lb-lab-0001"
-    assert headers["X-Openclb-Listener"] == "web"
+    assert headers["X-Openclb-Lb-Id"] == '"lb-lab-0001"'
+    assert headers["X-Openclb-Listener"] == '"web"' and headers["X-Forwarded-Port"] == '"80"'
+    assert headers["X-Client-Port"] == "$remote_port"
     assert headers["X-Debug"] == '""'
-    model = model_fixture.normalised()
-    model["l7_listeners"][0]["forwarded_headers"].update(proto=False, lb_id=False, xff=False)
-    headers = dict(listener(plan(plan_mod, policies, model), "web")["headers"])
+    raw = raw_with("web", forwarded_headers={"xff": False, "proto": False, "lb_id": False})
+    headers = dict(listener(plan(plan_mod, raw), "web")["headers"])
     assert "X-Forwarded-Proto" not in headers and "X-Openclb-Lb-Id" not in headers
+    assert "X-Client-Port" not in headers
     assert headers["X-Forwarded-For"] == "$remote_addr"
 
 
-def test_redirect(plan_mod, policies):
-    p = plan(plan_mod, policies)
-    assert listener(p, "redirect")["redirect"] == "https://$host$request_uri"
+def test_redirect(plan_mod):
+    assert listener(plan(plan_mod), "redirect")["redirect"] == {"url": "https://$host$request_uri", "code": 301}
+    assert listener(plan(plan_mod), "redirect")["servers"][0]["locations"] == []
+
+
+def test_tcp_check_and_no_check(plan_mod):
+    p = plan(plan_mod, raw_with("web", health_check={"type": "tcp", "port": 9000}))
+    up = next(u for u in p["upstreams"] if u["name"] == "web__web")
+    assert up["check"]["type"] == "tcp" and up["check"]["port"] == 9000
+    p = plan(plan_mod, raw_with("web", health_check={"type": "none"}))
+    assert next(u for u in p["upstreams"] if u["name"] == "web__web")["check"]["type"] == "none"
+
+
+def test_bad_input_names_the_field(plan_mod):
     model = model_fixture.normalised()
-    model["l7_listeners"][5]["redirect_to_https"] = 8443
-    assert listener(plan(plan_mod, policies, model), "redirect")["redirect"] == "https://$host:8443$request_uri"
-
-
-@pytest.mark.parametrize(
-    "mutate,field",
-    [
-        (lambda m: m["l7_listeners"][2]["cookie"].update(name="bad-name"), "listeners[rewrite].cookie.name"),
-        (lambda m: m["l7_listeners"][3].update(tls_policy="tls_nope"), "listeners[secure].tls_policy"),
-        (lambda m: m["l7_listeners"][3].update(certificates=[]), "listeners[secure].certificates"),
-        (lambda m: m["l7_listeners"][0].update(server_group="nope"), "listeners[web]"),
-        (lambda m: m["l7_listeners"][0]["health_check"].update(type="udp"), "listeners[web].health_check.type"),
-        (lambda m: m["l7_listeners"][0]["forwarded_headers"].update(remove=["a b"]),
-         "listeners[web].forwarded_headers.remove"),
-    ],
-)
-def test_bad_input_names_the_field(plan_mod, policies, mutate, field):
-    model = copy.deepcopy(model_fixture.normalised())
-    mutate(model)
-    with pytest.raises(plan_mod.PlanError, match=field.replace("[", r"\[").replace("]", r"\]")):
-        plan(plan_mod, policies, model)
-
-
-def test_schedulers(plan_mod, policies):
-    model = model_fixture.normalised()
-    for sched, balance in (("wlc", "least_conn"), ("sch", "hash $remote_addr consistent"), ("wrr", None)):
-        model["l7_listeners"][0]["scheduler"] = sched
-        up = next(u for u in plan(plan_mod, policies, model)["upstreams"] if u["listener"] == "web")
-        assert up["balance"] == balance
-    model["l7_listeners"][0]["scheduler"] = "rr"
-    up = next(u for u in plan(plan_mod, policies, model)["upstreams"] if u["listener"] == "web")
-    assert {m["weight"] for m in up["members"]} == {1}
+    model["l7_listeners"][0]["health_check"]["type"] = "udp"
+    with pytest.raises(plan_mod.PlanError, match=r"listeners\[legacy\]\.health_check\.type"):
+        plan_mod.openclb_l7_plan(model, "l7a", {})
