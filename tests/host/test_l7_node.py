@@ -81,6 +81,7 @@ def stream(lab, url, *args):
 
 # ------------------------------------------------------------ idempotence
 
+
 def test_second_run_and_check_mode_change_nothing(lab):
     changed, failed = lab.recap(lab.converge())
     assert (changed, failed) == (0, 0)
@@ -104,26 +105,27 @@ def test_check_mode_shows_the_diff_and_changes_nothing(lab):
 
 # ---------------------------------------------------------------- routing
 
+
 @pytest.mark.parametrize(
     "host,path,group",
     [
-        ("www.example.com", "/api/v1", {"be3"}),          # exact domain + path
-        ("www.example.com", "/other", {"be1", "be2"}),    # exact domain, no path: default
-        ("img.example.com", "/api", {"be4"}),             # wildcard domain
-        ("a.b.example.com", "/", {"be4"}),                # wildcard, deeper name
-        ("other.org", "/static/x.css", {"be4"}),          # path rule, any domain
-        ("other.org", "/", {"be1", "be2"}),               # listener default
+        ("www.example.com", "/api/v1", {"be3"}),  # exact domain + path
+        ("www.example.com", "/other", {"be1", "be2"}),  # exact domain, no path: default
+        ("img.example.com", "/api", {"be4"}),  # wildcard domain
+        ("a.b.example.com", "/", {"be4"}),  # wildcard, deeper name
+        ("other.org", "/static/x.css", {"be4"}),  # path rule, any domain
+        ("other.org", "/", {"be1", "be2"}),  # listener default
     ],
 )
 def test_domain_and_path_rules(lab, host, path, group):
-    seen = {backend_of(lab, "http://%s%s" % (VIP, path), "-H", "Host: " + host) for _ in range(6)}
+    seen = {backend_of(lab, f"http://{VIP}{path}", "-H", "Host: " + host) for _ in range(6)}
     assert seen <= group
     if len(group) == 2:
         assert seen == group  # round robin reaches both
 
 
 def test_headers_to_backends(lab):
-    body = lab.get_json("http://%s/" % VIP, "-H", "X-Debug: secret", "-H", "X-Forwarded-For: 192.0.2.7")
+    body = lab.get_json(f"http://{VIP}/", "-H", "X-Debug: secret", "-H", "X-Forwarded-For: 192.0.2.7")
     h = body["headers"]
     assert h["X-Forwarded-For"] == "192.0.2.7, " + l7lab.CLIENT_ADDR
     assert h["X-Real-IP"] == l7lab.CLIENT_ADDR
@@ -136,21 +138,28 @@ def test_headers_to_backends(lab):
 
 
 def test_gzip_on_by_default(lab):
-    r = lab.curl("http://%s/big" % VIP, "-H", "Accept-Encoding: gzip", "-o", "/dev/null", "-D", "-")
+    r = lab.curl(f"http://{VIP}/big", "-H", "Accept-Encoding: gzip", "-o", "/dev/null", "-D", "-")
     assert re.search(r"(?im)^content-encoding: gzip", r.stdout), r.stdout
 
 
 def test_request_timeout_gives_504(lab):
     start = time.monotonic()
-    r = lab.curl("http://%s/sleep?s=4" % VIP, "-o", "/dev/null", "-w", "%{http_code}")
+    r = lab.curl(f"http://{VIP}/sleep?s=4", "-o", "/dev/null", "-w", "%{http_code}")
     took = time.monotonic() - start
     assert r.stdout == "504"
     assert took < 3.5  # request_timeout is 2 s on this listener
 
 
 def test_redirect_to_https(lab):
-    r = lab.curl("http://%s:8000/x?y=1" % VIP, "-H", "Host: www.example.com", "-o", "/dev/null",
-                 "-w", "%{http_code} %{redirect_url}")
+    r = lab.curl(
+        f"http://{VIP}:8000/x?y=1",
+        "-H",
+        "Host: www.example.com",
+        "-o",
+        "/dev/null",
+        "-w",
+        "%{http_code} %{redirect_url}",
+    )
     assert r.stdout == "301 https://www.example.com/x?y=1"
 
 
@@ -179,9 +188,9 @@ print(s.recv(frame[1]).decode())
 
 # -------------------------------------------------------------------- TLS
 
+
 def s_client(lab, port, *args):
-    return lab.client("openssl", "s_client", "-connect", "%s:%d" % (VIP, port), *args,
-                      input="", timeout=20)
+    return lab.client("openssl", "s_client", "-connect", f"{VIP}:{port}", *args, input="", timeout=20)
 
 
 def test_tls_1_2_strict_offers_exactly_tls_1_2(lab):
@@ -202,15 +211,26 @@ def test_tls_1_0_policy_offers_1_0_to_1_2(lab):
 
 
 def test_sni_selects_the_certificate(lab):
-    for name, cn in (("www.example.com", "www.example.com"), ("api.example.net", "api.example.net"),
-                     ("unknown.example.org", "www.example.com")):
+    for name, cn in (
+        ("www.example.com", "www.example.com"),
+        ("api.example.net", "api.example.net"),
+        ("unknown.example.org", "www.example.com"),
+    ):
         r = s_client(lab, 443, "-servername", name)
-        assert re.search(r"subject=CN\s*=\s*%s" % re.escape(cn), r.stdout), (name, r.stdout[:400])
+        assert re.search(rf"subject=CN\s*=\s*{re.escape(cn)}", r.stdout), (name, r.stdout[:400])
 
 
 def test_https_http2_via_alpn_and_proto_header(lab):
-    r = lab.curl("https://www.example.com/", "--http2", "--cacert", lab.certs + "/www.crt",
-                 "--resolve", "www.example.com:443:" + VIP, "-w", "\n%{http_version}")
+    r = lab.curl(
+        "https://www.example.com/",
+        "--http2",
+        "--cacert",
+        lab.certs + "/www.crt",
+        "--resolve",
+        "www.example.com:443:" + VIP,
+        "-w",
+        "\n%{http_version}",
+    )
     body, version = r.stdout.rsplit("\n", 1)
     assert version == "2", r.stderr
     assert json.loads(body)["headers"]["X-Forwarded-Proto"] == "https"
@@ -232,13 +252,17 @@ def test_metrics_endpoints(lab):
     r = l7lab.sh("curl", "-s", "http://127.0.0.1:8081/nginx_status", ns=lab.lb)
     assert "Active connections:" in r.stdout
     r = l7lab.sh("curl", "-s", "http://127.0.0.1:9146/metrics", ns=lab.lb)
-    assert re.search(r'openclb_backend_up\{listener="web",server_group="web",backend="be1",'
-                     r'address="10.99.0.21:8080"\} 1', r.stdout), r.stdout[:500]
+    assert re.search(
+        r'openclb_backend_up\{listener="web",server_group="web",backend="be1",'
+        r'address="10.99.0.21:8080"\} 1',
+        r.stdout,
+    ), r.stdout[:500]
     # not reachable from the client side
     assert lab.curl("http://198.51.100.1:8081/nginx_status", timeout=2).returncode != 0
 
 
 # ------------------------------------------------------- cookie persistence
+
 
 def body_of(result):
     """JSON body of a `curl -D -` answer (text mode turned CRLF into LF)."""
@@ -250,7 +274,7 @@ def cookies_of(response_headers):
 
 
 def test_cookie_insert_sticks_and_fails_over(lab):
-    url = "http://%s:8080/" % VIP
+    url = f"http://{VIP}:8080/"
     r = lab.curl(url, "-D", "-")
     sid = cookies_of(r.stdout)["OPENCLB_SRV"]
     first = body_of(r)["backend"]
@@ -273,21 +297,22 @@ def test_cookie_insert_sticks_and_fails_over(lab):
 
 
 def test_cookie_rewrite_follows_the_backend_cookie(lab):
-    url = "http://%s:8081/" % VIP
+    url = f"http://{VIP}:8081/"
     r = lab.curl(url, "-D", "-")
     assert "APPSESSION_openclb" not in r.stdout  # backend set no cookie: nothing added
     r = lab.curl(url + "?setcookie=APPSESSION", "-D", "-")
     cookies = cookies_of(r.stdout)
     owner = body_of(r)["backend"]
     assert cookies["APPSESSION"] == "session-of-" + owner  # the backend's own cookie is untouched
-    route = "APPSESSION=%s; APPSESSION_openclb=%s" % (cookies["APPSESSION"], cookies["APPSESSION_openclb"])
+    route = "APPSESSION={}; APPSESSION_openclb={}".format(cookies["APPSESSION"], cookies["APPSESSION_openclb"])
     assert {backend_of(lab, url, "-b", route) for _ in range(8)} == {owner}
 
 
 # ---------------------------------------------------------- active checks
 
+
 def test_failed_http_check_takes_backend_out_in_time_and_back(lab):
-    url = "http://%s/" % VIP
+    url = f"http://{VIP}/"
     # interval 1 s, unhealthy_threshold 2 -> out within 2 s (+1 interval)
     lab.set_health("be2", 503)
     try:
@@ -305,7 +330,7 @@ def test_failed_http_check_takes_backend_out_in_time_and_back(lab):
 
 def test_dead_backend_loses_no_request(lab):
     """Passive checks cover the detection window, active checks then keep it out."""
-    url = "http://%s/" % VIP
+    url = f"http://{VIP}/"
     proc = lab.procs.pop("be-be1")
     os.killpg(proc.pid, 15)
     proc.wait(5)
@@ -321,6 +346,7 @@ def test_dead_backend_loses_no_request(lab):
 
 # ---------------------------------------------------------- config changes
 
+
 def test_config_change_under_load_loses_no_request(lab):
     raw = l7lab.model_fixture.raw()
     raw["listeners"][0]["rules"].append({"path": "/new", "server_group": "api"})
@@ -329,16 +355,32 @@ def test_config_change_under_load_loses_no_request(lab):
     # one stream opens a connection per request, one reuses keep-alive ones
     loads = [
         subprocess.Popen(
-            ["ip", "netns", "exec", lab.cl, sys.executable, STREAM, "http://%s/" % VIP,
-             "--count", "100000", "--seconds", "45", "--workers", "2"] + extra,
-            stdout=subprocess.PIPE, text=True)
+            [
+                "ip",
+                "netns",
+                "exec",
+                lab.cl,
+                sys.executable,
+                STREAM,
+                f"http://{VIP}/",
+                "--count",
+                "100000",
+                "--seconds",
+                "45",
+                "--workers",
+                "2",
+            ]
+            + extra,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
         for extra in ([], ["--keepalive"])
     ]
     try:
         time.sleep(1)
         changed, failed = lab.recap(lab.converge(model=model))
         assert failed == 0 and changed > 0
-        assert backend_of(lab, "http://%s/new" % VIP) == "be3"
+        assert backend_of(lab, f"http://{VIP}/new") == "be3"
         changed, failed = lab.recap(lab.converge())  # and back
         assert failed == 0 and changed > 0
     finally:
@@ -347,18 +389,24 @@ def test_config_change_under_load_loses_no_request(lab):
     for result in results:
         assert result["ok"] > 100 and result["failed"] == 0, result
     assert lab.nginx_master_pid() == master  # reloaded, never restarted
-    assert backend_of(lab, "http://%s/new" % VIP) in {"be1", "be2"}
+    assert backend_of(lab, f"http://{VIP}/new") in {"be1", "be2"}
 
 
 def test_rejected_config_keeps_the_old_one_running(lab):
     raw = l7lab.model_fixture.raw()
     broken = copy.deepcopy(next(li for li in raw["listeners"] if li["name"] == "secure"))
-    broken.update(name="broken", port=9443,
-                  certificates=[{"name": "broken", "domains": ["b.example.com"], "key_store": "local"}])
+    broken.update(
+        name="broken", port=9443, certificates=[{"name": "broken", "domains": ["b.example.com"], "key_store": "local"}]
+    )
     raw["listeners"].append(broken)
     model = l7lab.model_fixture.normalised(raw)
-    tls = dict(lab.tls, broken={"certificate": "-----BEGIN CERTIFICATE-----\nnot a cert\n"
-                                               "-----END CERTIFICATE-----", "key": lab.tls["www"]["key"]})
+    tls = dict(
+        lab.tls,
+        broken={
+            "certificate": "-----BEGIN CERTIFICATE-----\nnot a cert\n-----END CERTIFICATE-----",
+            "key": lab.tls["www"]["key"],
+        },
+    )
     live = os.readlink(lab.tmp + "/etc/nginx/current")
     master = lab.nginx_master_pid()
     result = lab.converge(model=model, tls=tls)
@@ -368,5 +416,5 @@ def test_rejected_config_keeps_the_old_one_running(lab):
     assert "cannot load certificate" in result.stdout  # nginx's own words
     assert os.readlink(lab.tmp + "/etc/nginx/current") == live
     assert lab.nginx_master_pid() == master
-    assert backend_of(lab, "http://%s/" % VIP) in {"be1", "be2"}
-    assert lab.curl("https://%s:9443/" % VIP, "-k", timeout=3).returncode != 0
+    assert backend_of(lab, f"http://{VIP}/") in {"be1", "be2"}
+    assert lab.curl(f"https://{VIP}:9443/", "-k", timeout=3).returncode != 0

@@ -25,7 +25,6 @@ import json
 import logging
 import os
 import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -36,12 +35,13 @@ UP, DOWN = "up", "down"
 
 # ---------------------------------------------------------------- config ---
 
+
 def load_config(path):
     with open(path, encoding="utf-8") as fh:
         cfg = json.load(fh)
     for key in ("upstreams", "upstreams_file", "state_file"):
         if key not in cfg:
-            raise ValueError("%s: missing key %r" % (path, key))
+            raise ValueError(f"{path}: missing key {key!r}")
     cfg.setdefault("listen", "127.0.0.1:9146")
     cfg.setdefault("debounce", 1.0)
     cfg.setdefault("fail_open", True)
@@ -74,12 +74,20 @@ def probes_from_config(cfg):
                     "users": [],
                 },
             )
-            p["users"].append({"upstream": up["name"], "listener": up["listener"],
-                               "group": up["group"], "backend": m["name"], "addr": m["addr"]})
+            p["users"].append(
+                {
+                    "upstream": up["name"],
+                    "listener": up["listener"],
+                    "group": up["group"],
+                    "backend": m["name"],
+                    "addr": m["addr"],
+                }
+            )
     return probes
 
 
 # ----------------------------------------------------------- transitions ---
+
 
 class Health:
     """Threshold logic for one probe: consecutive results flip the state."""
@@ -119,6 +127,7 @@ class Health:
 
 # ---------------------------------------------------------------- probes ---
 
+
 async def probe_tcp(address, port, timeout):
     reader, writer = await asyncio.wait_for(asyncio.open_connection(address, port), timeout)
     writer.close()
@@ -134,10 +143,10 @@ async def probe_http(address, port, http, timeout):
     async def exchange():
         reader, writer = await asyncio.open_connection(address, port)
         try:
-            host = http.get("host") or (("[%s]" % address) if ":" in address else address)
+            host = http.get("host") or ((f"[{address}]") if ":" in address else address)
             req = (
-                "%s %s HTTP/1.1\r\nHost: %s\r\nUser-Agent: openclb-healthd\r\n"
-                "Accept: */*\r\nConnection: close\r\n\r\n" % (http["method"], http["uri"], host)
+                "{} {} HTTP/1.1\r\nHost: {}\r\nUser-Agent: openclb-healthd\r\n"
+                "Accept: */*\r\nConnection: close\r\n\r\n".format(http["method"], http["uri"], host)
             )
             writer.write(req.encode("latin-1"))
             await writer.drain()
@@ -146,10 +155,10 @@ async def probe_http(address, port, http, timeout):
             writer.close()
         parts = line.decode("latin-1").split()
         if len(parts) < 2 or not parts[0].startswith("HTTP/") or not parts[1].isdigit():
-            raise ValueError("bad status line %r" % line[:80])
+            raise ValueError(f"bad status line {line[:80]!r}")
         status = int(parts[1])
         if status // 100 not in http["status"]:
-            raise ValueError("status %d not in %s" % (status, ["http_%dxx" % c for c in http["status"]]))
+            raise ValueError(f"status {status} not in {[f'http_{c}xx' for c in http['status']]}")
         return status
 
     return await asyncio.wait_for(exchange(), timeout)
@@ -165,28 +174,26 @@ async def run_probe(probe):
         else:
             await probe_tcp(probe["address"], probe["port"], check["timeout"])
         return True, None, time.monotonic() - start
-    except asyncio.TimeoutError:
-        return False, "timeout after %ss" % check["timeout"], time.monotonic() - start
+    except TimeoutError:
+        return False, "timeout after {}s".format(check["timeout"]), time.monotonic() - start
     except (OSError, ValueError) as exc:
         return False, str(exc) or exc.__class__.__name__, time.monotonic() - start
 
 
 # ------------------------------------------------------------- rendering ---
 
+
 def _server_line(m, up, down, backup=False):
-    if ":" in m["address"]:
-        addr = "[%s]:%d" % (m["address"], m["port"])
-    else:
-        addr = "%s:%d" % (m["address"], m["port"])
-    parts = ["server", addr, "weight=%d" % max(1, m.get("weight", 1))]
-    parts.append("max_fails=%d" % up.get("max_fails", 1))
-    parts.append("fail_timeout=%ds" % up.get("fail_timeout", 10))
+    addr = f"[{m['address']}]:{m['port']}" if ":" in m["address"] else f"{m['address']}:{m['port']}"
+    parts = ["server", addr, f"weight={max(1, m.get('weight', 1))}"]
+    parts.append(f"max_fails={up.get('max_fails', 1)}")
+    parts.append(f"fail_timeout={up.get('fail_timeout', 10)}s")
     if backup:
         parts.append("backup")
     # weight 0 (the model's `down`: drain) and failed backends take no new requests
     if down or m.get("down"):
         parts.append("down")
-    return "    %s;  # %s" % (" ".join(parts), m["name"])
+    return "    {};  # {}".format(" ".join(parts), m["name"])
 
 
 def render_upstreams(cfg, states):
@@ -208,26 +215,26 @@ def render_upstreams(cfg, states):
         if cfg.get("fail_open", True) and usable and all(down[m["id"]] for m in usable):
             down = dict.fromkeys(down, False)
         out.append("")
-        out.append("upstream %s {" % up["name"])
+        out.append("upstream {} {{".format(up["name"]))
         if up.get("balance"):
-            out.append("    %s;" % up["balance"])
+            out.append("    {};".format(up["balance"]))
         for m in up["members"]:
             out.append(_server_line(m, up, down[m["id"]]))
         if up.get("keepalive"):
-            out.append("    keepalive %d;" % up["keepalive"])
+            out.append(f"    keepalive {up['keepalive']};")
         out.append("}")
         if up.get("sticky"):
             # Cookie persistence: one upstream per backend, that backend first
             # and the others as backup, so a cookie naming a failed backend
             # falls over to the rest of the group.
             for m in up["members"]:
-                out.append("upstream %s__%s {" % (up["name"], m["id"]))
+                out.append("upstream {}__{} {{".format(up["name"], m["id"]))
                 out.append(_server_line(m, up, down[m["id"]]))
                 for other in up["members"]:
                     if other is not m:
                         out.append(_server_line(other, up, down[other["id"]], backup=True))
                 if up.get("keepalive"):
-                    out.append("    keepalive %d;" % up["keepalive"])
+                    out.append(f"    keepalive {up['keepalive']};")
                 out.append("}")
     return "\n".join(out) + "\n"
 
@@ -265,6 +272,7 @@ def load_states(path):
 
 # ---------------------------------------------------------------- daemon ---
 
+
 class Daemon:
     def __init__(self, config_path):
         self.config_path = config_path
@@ -291,7 +299,7 @@ class Daemon:
             if key not in probes:
                 self.tasks.pop(key).cancel()
         self.cfg, self.probes, self.health = cfg, probes, health
-        for key, p in probes.items():
+        for key in probes:
             # running loops read self.probes[key] each round: no restart needed
             if key not in self.tasks:
                 self.tasks[key] = asyncio.ensure_future(self.probe_loop(key))
@@ -313,7 +321,10 @@ class Daemon:
             if health.record(ok, error):
                 LOG.warning(
                     "backend %s:%s is %s (%s) [%s]",
-                    probe["address"], probe["port"], health.state.upper(), error or "ok",
+                    probe["address"],
+                    probe["port"],
+                    health.state.upper(),
+                    error or "ok",
                     ", ".join(sorted({u["upstream"] for u in probe["users"]})),
                 )
                 self.schedule_apply(self.cfg["debounce"])
@@ -419,11 +430,14 @@ class Daemon:
                 body, ctype, code = "not found\n", "text/plain", "404 Not Found"
             data = body.encode()
             writer.write(
-                ("HTTP/1.0 %s\r\nContent-Type: %s\r\nContent-Length: %d\r\nConnection: close\r\n\r\n"
-                 % (code, ctype, len(data))).encode() + data
+                (
+                    f"HTTP/1.0 {code}\r\nContent-Type: {ctype}\r\nContent-Length: {len(data)}\r\n"
+                    "Connection: close\r\n\r\n"
+                ).encode()
+                + data
             )
             await writer.drain()
-        except (asyncio.TimeoutError, OSError):
+        except (TimeoutError, OSError):
             pass
         finally:
             writer.close()
@@ -453,17 +467,18 @@ def format_metrics(status):
         "# TYPE openclb_backend_checks_total counter",
     ]
     for b in status["backends"]:
-        labels = 'listener="%s",server_group="%s",backend="%s",address="%s"' % (
-            _label(b["listener"]), _label(b["server_group"]), _label(b["backend"]), _label(b["address"]))
-        lines.append("openclb_backend_up{%s} %d" % (labels, 1 if b["state"] == UP else 0))
-        checks.append('openclb_backend_checks_total{%s,result="ok"} %d' % (labels, b["checks_ok"]))
-        checks.append('openclb_backend_checks_total{%s,result="fail"} %d' % (labels, b["checks_failed"]))
+        labels = 'listener="{}",server_group="{}",backend="{}",address="{}"'.format(
+            _label(b["listener"]), _label(b["server_group"]), _label(b["backend"]), _label(b["address"])
+        )
+        lines.append(f"openclb_backend_up{{{labels}}} {1 if b['state'] == UP else 0}")
+        checks.append(f'openclb_backend_checks_total{{{labels},result="ok"}} {b["checks_ok"]}')
+        checks.append(f'openclb_backend_checks_total{{{labels},result="fail"}} {b["checks_failed"]}')
     lines += checks
     lines += [
         "# HELP openclb_healthd_nginx_reloads_total nginx reloads caused by health changes.",
         "# TYPE openclb_healthd_nginx_reloads_total counter",
-        'openclb_healthd_nginx_reloads_total{result="ok"} %d' % status["reloads"]["ok"],
-        'openclb_healthd_nginx_reloads_total{result="failed"} %d' % status["reloads"]["failed"],
+        f'openclb_healthd_nginx_reloads_total{{result="ok"}} {status["reloads"]["ok"]}',
+        f'openclb_healthd_nginx_reloads_total{{result="failed"}} {status["reloads"]["failed"]}',
     ]
     return "\n".join(lines) + "\n"
 

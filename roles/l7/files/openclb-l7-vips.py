@@ -22,9 +22,7 @@ import sys
 
 
 def on_lo():
-    out = subprocess.run(
-        ["ip", "-j", "addr", "show", "dev", "lo"], check=True, capture_output=True, text=True
-    ).stdout
+    out = subprocess.run(["ip", "-j", "addr", "show", "dev", "lo"], check=True, capture_output=True, text=True).stdout
     addrs = set()
     for link in json.loads(out or "[]"):
         for a in link.get("addr_info", []):
@@ -33,7 +31,7 @@ def on_lo():
 
 
 def prefix(addr):
-    return "%s/%d" % (addr, 128 if ":" in addr else 32)
+    return f"{addr}/{128 if ':' in addr else 32}"
 
 
 def main(argv=None):

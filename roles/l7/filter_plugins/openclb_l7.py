@@ -31,7 +31,7 @@ class PlanError(ValueError):
 def ident(name):
     """nginx variable-safe identifier for an upstream name, unique per name."""
     slug = re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")[:40]
-    return "%s_%s" % (slug, hashlib.sha1(name.encode()).hexdigest()[:6])
+    return f"{slug}_{hashlib.sha1(name.encode()).hexdigest()[:6]}"
 
 
 def hostport(address, port):
@@ -48,8 +48,9 @@ def _check(listener):
     hc = listener["health_check"]
     kind = hc["type"]
     if kind not in ("tcp", "http", "none"):
-        raise PlanError("listeners[%s].health_check.type: %r is not possible on an L7 listener"
-                        % (listener["name"], kind))
+        raise PlanError(
+            "listeners[{}].health_check.type: {!r} is not possible on an L7 listener".format(listener["name"], kind)
+        )
     http = hc.get("http") or {}
     return {
         "type": kind,
@@ -70,8 +71,7 @@ def _check(listener):
 
 def _upstream(listener, up, settings):
     members = [
-        dict(m, id=member_id(m["address"], m["port"]), addr=hostport(m["address"], m["port"]))
-        for m in up["members"]
+        dict(m, id=member_id(m["address"], m["port"]), addr=hostport(m["address"], m["port"])) for m in up["members"]
     ]
     return {
         "name": up["name"],
@@ -96,7 +96,9 @@ def _cookie(listener):
         return None
     name = cookie["name"]
     if not re.match(r"^[A-Za-z0-9_]{1,64}$", name or ""):
-        raise PlanError("listeners[%s].cookie.name: %r must match [A-Za-z0-9_]{1,64}" % (listener["name"], name))
+        raise PlanError(
+            "listeners[{}].cookie.name: {!r} must match [A-Za-z0-9_]{{1,64}}".format(listener["name"], name)
+        )
     return {
         "type": cookie["type"],
         "name": name,
@@ -109,9 +111,9 @@ def _cookie(listener):
 
 
 def _set_cookie(cookie, backend_id, secure):
-    parts = ["%s=%s" % (cookie["route_cookie"], backend_id), "Path=/", "HttpOnly"]
+    parts = ["{}={}".format(cookie["route_cookie"], backend_id), "Path=/", "HttpOnly"]
     if cookie["timeout"]:
-        parts.insert(1, "Max-Age=%d" % cookie["timeout"])
+        parts.insert(1, f"Max-Age={cookie['timeout']}")
     if secure:
         parts.append("Secure")
     return "; ".join(parts)
@@ -121,23 +123,26 @@ def _headers(listener, cluster_id):
     fh = listener["forwarded_headers"]
     # X-Forwarded-For is always sent (as by the managed service); `xff`
     # decides whether an incoming chain is kept and appended to
-    headers = [["Host", "$http_host"],
-               ["X-Forwarded-For", "$proxy_add_x_forwarded_for" if fh["xff"] else "$remote_addr"]]
+    headers = [
+        ["Host", "$http_host"],
+        ["X-Forwarded-For", "$proxy_add_x_forwarded_for" if fh["xff"] else "$remote_addr"],
+    ]
     if fh["proto"]:
         headers.append(["X-Forwarded-Proto", "$scheme"])
     if fh["real_ip"]:
         headers.append(["X-Real-IP", "$remote_addr"])
     if fh["lb_id"]:
-        headers.append(["X-Openclb-Lb-Id", '"%s"' % cluster_id])
+        headers.append(["X-Openclb-Lb-Id", f'"{cluster_id}"'])
     if fh["listener"]:
-        headers.append(["X-Openclb-Listener", '"%s"' % listener["name"]])
-        headers.append(["X-Forwarded-Port", '"%d"' % listener["port"]])
+        headers.append(["X-Openclb-Listener", '"{}"'.format(listener["name"])])
+        headers.append(["X-Forwarded-Port", f'"{listener["port"]}"'])
     if fh.get("client_port"):
         headers.append(["X-Client-Port", "$remote_port"])
     for name in fh.get("remove") or []:
         if not re.match(r"^[A-Za-z0-9-]+$", name):
-            raise PlanError("listeners[%s].forwarded_headers.remove: %r is not a header name"
-                            % (listener["name"], name))
+            raise PlanError(
+                "listeners[{}].forwarded_headers.remove: {!r} is not a header name".format(listener["name"], name)
+            )
         headers.append([name, '""'])  # nginx does not send a header set to ""
     return headers
 
@@ -155,11 +160,15 @@ def openclb_l7_plan(model, node=None, settings=None):
     certs = {}
     for c in model.get("certificates", []):
         if c["key_store"] == "keyserver":
-            key = '"engine:pkcs11:pkcs11:token=openclb-%s;object=%s;type=private"' % (cluster["name"], c["name"])
+            key = '"engine:pkcs11:pkcs11:token=openclb-{};object={};type=private"'.format(cluster["name"], c["name"])
         else:
-            key = "%s/private/%s.key" % (tls_dir, c["name"])
-        certs[c["name"]] = {"name": c["name"], "key_store": c["key_store"],
-                            "certificate": "%s/%s.crt" % (tls_dir, c["name"]), "key": key}
+            key = "{}/private/{}.key".format(tls_dir, c["name"])
+        certs[c["name"]] = {
+            "name": c["name"],
+            "key_store": c["key_store"],
+            "certificate": "{}/{}.crt".format(tls_dir, c["name"]),
+            "key": key,
+        }
 
     listeners, upstreams, internal_ports = [], [], set()
     used_certs = set()
@@ -181,52 +190,64 @@ def openclb_l7_plan(model, node=None, settings=None):
         setcookies = []
         if cookie:
             for up in ups.values():
-                setcookies.append({
-                    "var": "$openclb_setcookie_" + ident(up["name"]),
-                    "route_var": "$openclb_route_" + ident(up["name"]),
-                    "upstream": up["name"],
-                    "members": [{"id": m["id"], "addr_regex": re.escape(m["addr"]),
-                                 "value": _set_cookie(cookie, m["id"], https)} for m in up["members"]],
-                })
+                setcookies.append(
+                    {
+                        "var": "$openclb_setcookie_" + ident(up["name"]),
+                        "route_var": "$openclb_route_" + ident(up["name"]),
+                        "upstream": up["name"],
+                        "members": [
+                            {
+                                "id": m["id"],
+                                "addr_regex": re.escape(m["addr"]),
+                                "value": _set_cookie(cookie, m["id"], https),
+                            }
+                            for m in up["members"]
+                        ],
+                    }
+                )
 
         servers = []
         for vh in li["vhosts"]:
             for name in vh["certificates"]:
                 used_certs.add(name)
-            servers.append({
-                "server_names": vh["server_names"] or ["_"],
-                "default": vh["default"],
-                "certificates": [certs[n] for n in vh["certificates"]],
-                "locations": [
-                    {
-                        "path": loc["path"],
-                        "upstream": loc["upstream"],
-                        "server_group": ups[loc["upstream"]]["group"],
-                        "route_var": ("$openclb_route_" + ident(loc["upstream"])) if cookie else None,
-                        "setcookie_var": ("$openclb_setcookie_" + ident(loc["upstream"])) if cookie else None,
-                    }
-                    for loc in vh["locations"]
-                ],
-            })
+            servers.append(
+                {
+                    "server_names": vh["server_names"] or ["_"],
+                    "default": vh["default"],
+                    "certificates": [certs[n] for n in vh["certificates"]],
+                    "locations": [
+                        {
+                            "path": loc["path"],
+                            "upstream": loc["upstream"],
+                            "server_group": ups[loc["upstream"]]["group"],
+                            "route_var": ("$openclb_route_" + ident(loc["upstream"])) if cookie else None,
+                            "setcookie_var": ("$openclb_setcookie_" + ident(loc["upstream"])) if cookie else None,
+                        }
+                        for loc in vh["locations"]
+                    ],
+                }
+            )
         redirect = li.get("redirect_to_https")
-        listeners.append({
-            "name": li["name"],
-            "protocol": li["protocol"],
-            "port": li["port"],
-            "listen": listen,
-            "https": https,
-            "http2": bool(li.get("http2")) and https,
-            "redirect": {"url": redirect["url"], "code": redirect["code"]} if redirect else None,
-            "servers": servers,
-            "tls": {"protocols": li["tls"]["protocols"], "ciphers": li["tls"]["ciphers"]} if https else None,
-            "cookie": cookie,
-            "setcookies": setcookies,
-            "headers": _headers(li, cluster["id"]),
-            "acl": li.get("acl"),
-            "gzip": bool(li.get("gzip")),
-            "request_timeout": li["request_timeout"],
-            "keepalive_timeout": li["keepalive_timeout"],
-        })
+        listeners.append(
+            {
+                "name": li["name"],
+                "protocol": li["protocol"],
+                "port": li["port"],
+                "listen": listen,
+                "https": https,
+                "http2": bool(li.get("http2")) and https,
+                "redirect": {"url": redirect["url"], "code": redirect["code"]} if redirect else None,
+                "servers": servers,
+                "tls": {"protocols": li["tls"]["protocols"], "ciphers": li["tls"]["ciphers"]} if https else None,
+                "cookie": cookie,
+                "setcookies": setcookies,
+                "headers": _headers(li, cluster["id"]),
+                "acl": li.get("acl"),
+                "gzip": bool(li.get("gzip")),
+                "request_timeout": li["request_timeout"],
+                "keepalive_timeout": li["keepalive_timeout"],
+            }
+        )
 
     if node is not None and "node_vips" in model:
         vips = list(model["node_vips"].get(node, {}).get("dr", []))

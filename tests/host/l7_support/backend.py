@@ -69,10 +69,10 @@ class Handler(BaseHTTPRequestHandler):
         if url.path == "/sleep":
             time.sleep(float(query.get("s", ["1"])[0]))
         if url.path == "/big":
-            return self._reply(200, ("%s says hello\n" % NAME) * 4096, "text/plain")
+            return self._reply(200, (f"{NAME} says hello\n") * 4096, "text/plain")
         extra = []
         if "setcookie" in query:
-            extra.append(("Set-Cookie", "%s=session-of-%s; Path=/" % (query["setcookie"][0], NAME)))
+            extra.append(("Set-Cookie", "{}=session-of-{}; Path=/".format(query["setcookie"][0], NAME)))
         body = {
             "backend": NAME,
             "method": self.command,
@@ -104,7 +104,7 @@ class Handler(BaseHTTPRequestHandler):
             if opcode == 8:
                 self.wfile.write(b"\x88\x00")
                 return
-            reply = ("%s: " % NAME).encode() + data
+            reply = (f"{NAME}: ").encode() + data
             self.wfile.write(bytes([0x81, len(reply)]) + reply)  # short frames only
             self.wfile.flush()
 

@@ -39,9 +39,26 @@ def make_cert(directory, name, domains):
     key = os.path.join(directory, name + ".key")
     crt = os.path.join(directory, name + ".crt")
     san = ",".join("DNS:" + d for d in domains)
-    sh("openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
-       "-nodes", "-keyout", key, "-out", crt, "-days", "2", "-subj", "/CN=" + domains[0],
-       "-addext", "subjectAltName=" + san)
+    sh(
+        "openssl",
+        "req",
+        "-x509",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:P-256",
+        "-nodes",
+        "-keyout",
+        key,
+        "-out",
+        crt,
+        "-days",
+        "2",
+        "-subj",
+        "/CN=" + domains[0],
+        "-addext",
+        "subjectAltName=" + san,
+    )
     with open(crt, encoding="utf-8") as c, open(key, encoding="utf-8") as k:
         return {"certificate": c.read(), "key": k.read()}
 
@@ -86,15 +103,32 @@ class L7Lab:
     def start_backend(self, name, addr):
         log = open(os.path.join(self.tmp, "backends", name + ".log"), "w")
         self.procs["be-" + name] = subprocess.Popen(
-            ["ip", "netns", "exec", self.be, sys.executable, os.path.join(HERE, "backend.py"),
-             name, addr, "8080", os.path.join(self.tmp, "backends")],
-            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            [
+                "ip",
+                "netns",
+                "exec",
+                self.be,
+                sys.executable,
+                os.path.join(HERE, "backend.py"),
+                name,
+                addr,
+                "8080",
+                os.path.join(self.tmp, "backends"),
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
 
     def wait_backends(self):
         for addr in model_fixture.BACKENDS.values():
             for _ in range(50):
-                if sh("curl", "-s", "-o", "/dev/null", "http://%s:8080/health" % addr,
-                      ns=self.lb, check=False).returncode == 0:
+                if (
+                    sh(
+                        "curl", "-s", "-o", "/dev/null", f"http://{addr}:8080/health", ns=self.lb, check=False
+                    ).returncode
+                    == 0
+                ):
                     break
                 time.sleep(0.1)
 
@@ -133,17 +167,29 @@ class L7Lab:
             json.dump(self.role_vars(model, tls), fh)
         inv = os.path.join(self.tmp, "inventory.yml")
         with open(inv, "w", encoding="utf-8") as fh:
-            fh.write("l7_nodes:\n  hosts:\n    l7a:\n      ansible_connection: local\n"
-                     "      ansible_python_interpreter: /usr/bin/python3\n")
-        argv = [os.path.join(VENV, "bin", "ansible-playbook"), "-i", inv,
-                os.path.join(REPO, "playbooks", "l7.yml"), "-e", "@" + vars_file]
+            fh.write(
+                "l7_nodes:\n  hosts:\n    l7a:\n      ansible_connection: local\n"
+                "      ansible_python_interpreter: /usr/bin/python3\n"
+            )
+        argv = [
+            os.path.join(VENV, "bin", "ansible-playbook"),
+            "-i",
+            inv,
+            os.path.join(REPO, "playbooks", "l7.yml"),
+            "-e",
+            "@" + vars_file,
+        ]
         if check:
             argv += ["--check", "--diff"]
         argv += list(extra)
-        env = dict(os.environ, ANSIBLE_CONFIG=os.path.join(REPO, "ansible.cfg"),
-                   ANSIBLE_CALLBACK_RESULT_FORMAT="json", ANSIBLE_NOCOLOR="1",
-                   ANSIBLE_LOCAL_TEMP=os.path.join(self.tmp, "ansible-tmp"),
-                   ANSIBLE_REMOTE_TEMP=os.path.join(self.tmp, "ansible-tmp"))
+        env = dict(
+            os.environ,
+            ANSIBLE_CONFIG=os.path.join(REPO, "ansible.cfg"),
+            ANSIBLE_CALLBACK_RESULT_FORMAT="json",
+            ANSIBLE_NOCOLOR="1",
+            ANSIBLE_LOCAL_TEMP=os.path.join(self.tmp, "ansible-tmp"),
+            ANSIBLE_REMOTE_TEMP=os.path.join(self.tmp, "ansible-tmp"),
+        )
         return sh(*argv, ns=self.lb, check=False, timeout=600, env=env, cwd=REPO)
 
     @staticmethod
@@ -158,10 +204,11 @@ class L7Lab:
     # ------------------------------------------------------------ daemons
     def start_nginx(self):
         self.procs["nginx"] = subprocess.Popen(
-            ["ip", "netns", "exec", self.lb, "nginx", "-c", self.tmp + "/nginx.conf",
-             "-g", "daemon off;"],
-            stdout=subprocess.DEVNULL, stderr=open(self.tmp + "/log/nginx.out", "w"),
-            start_new_session=True)
+            ["ip", "netns", "exec", self.lb, "nginx", "-c", self.tmp + "/nginx.conf", "-g", "daemon off;"],
+            stdout=subprocess.DEVNULL,
+            stderr=open(self.tmp + "/log/nginx.out", "w"),
+            start_new_session=True,
+        )
         for _ in range(50):
             if os.path.exists(self.tmp + "/nginx.pid") and os.path.getsize(self.tmp + "/nginx.pid"):
                 time.sleep(0.2)  # workers
@@ -171,10 +218,21 @@ class L7Lab:
 
     def start_healthd(self):
         self.procs["healthd"] = subprocess.Popen(
-            ["ip", "netns", "exec", self.lb, sys.executable, self.tmp + "/lib/openclb-healthd",
-             "run", "--config", self.tmp + "/etc/nginx/current/healthd.json"],
-            stdout=subprocess.DEVNULL, stderr=open(self.tmp + "/log/healthd.log", "w"),
-            start_new_session=True)
+            [
+                "ip",
+                "netns",
+                "exec",
+                self.lb,
+                sys.executable,
+                self.tmp + "/lib/openclb-healthd",
+                "run",
+                "--config",
+                self.tmp + "/etc/nginx/current/healthd.json",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=open(self.tmp + "/log/healthd.log", "w"),
+            start_new_session=True,
+        )
         for _ in range(50):
             if self.healthd_status() is not None:
                 return

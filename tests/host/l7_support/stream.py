@@ -67,7 +67,7 @@ def main():
                 resp.read()
                 be = resp.getheader("X-Backend") or "-"
                 if resp.status >= 500:
-                    raise RuntimeError("status %d" % resp.status)
+                    raise RuntimeError(f"status {resp.status}")
                 with lock:
                     state["ok"] += 1
                     backends[be] += 1
@@ -89,10 +89,19 @@ def main():
     for t in threads:
         t.join()
     took = time.monotonic() - start
-    print(json.dumps({"ok": state["ok"], "failed": state["failed"], "retried": state["retried"],
-                      "errors": dict(errors),
-                      "backends": dict(backends), "seconds": round(took, 3),
-                      "rps": round(state["ok"] / took, 1) if took else 0}))
+    print(
+        json.dumps(
+            {
+                "ok": state["ok"],
+                "failed": state["failed"],
+                "retried": state["retried"],
+                "errors": dict(errors),
+                "backends": dict(backends),
+                "seconds": round(took, 3),
+                "rps": round(state["ok"] / took, 1) if took else 0,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -9,8 +9,9 @@ import copy
 import importlib.util
 import os
 
-_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "..",
-                     "plugins", "module_utils", "model.py")
+_PATH = os.path.join(
+    os.path.dirname(os.path.abspath(__file__)), "..", "..", "..", "plugins", "module_utils", "model.py"
+)
 _spec = importlib.util.spec_from_file_location("openclb_model_for_l7", os.path.abspath(_PATH))
 model = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(model)
@@ -44,8 +45,14 @@ HC = {
 
 def raw():
     def http(name, port, **over):
-        li = {"name": name, "protocol": "http", "vip": VIP, "port": port, "server_group": "web",
-              "health_check": copy.deepcopy(HC)}
+        li = {
+            "name": name,
+            "protocol": "http",
+            "vip": VIP,
+            "port": port,
+            "server_group": "web",
+            "health_check": copy.deepcopy(HC),
+        }
         li.update(over)
         return li
 
@@ -63,7 +70,8 @@ def raw():
         },
         "listeners": [
             http(
-                "web", 80,
+                "web",
+                80,
                 rules=[
                     {"domain": "www.example.com", "path": "/api", "server_group": "api"},
                     {"domain": "*.example.com", "server_group": "static"},

@@ -24,8 +24,15 @@ def cfg(plan_mod, tmp_path):
 
 
 def check(**over):
-    c = {"type": "http", "port": None, "interval": 1, "timeout": 1, "healthy_threshold": 2,
-         "unhealthy_threshold": 3, "http": {"method": "GET", "uri": "/h", "host": None, "status": [2, 3]}}
+    c = {
+        "type": "http",
+        "port": None,
+        "interval": 1,
+        "timeout": 1,
+        "healthy_threshold": 2,
+        "unhealthy_threshold": 3,
+        "http": {"method": "GET", "uri": "/h", "host": None, "status": [2, 3]},
+    }
     c.update(over)
     return c
 
@@ -33,9 +40,9 @@ def check(**over):
 def test_thresholds(healthd):
     h = healthd.Health(check())
     assert not h.record(False) and not h.record(False)
-    assert h.record(False) and h.state == "down"          # 3rd failure
+    assert h.record(False) and h.state == "down"  # 3rd failure
     assert not h.record(True) and h.state == "down"
-    assert not h.record(False)                              # resets the run
+    assert not h.record(False)  # resets the run
     assert not h.record(True) and h.record(True) and h.state == "up"
     assert h.checks == {"ok": 3, "fail": 4}
 
@@ -53,11 +60,11 @@ def test_render_marks_down_and_fails_open(healthd, cfg):
     web = next(u for u in cfg["upstreams"] if u["listener"] == "web" and u["group"] == "web")
     k1, k2 = (healthd.probe_key(m, web["check"]) for m in web["members"])
     text = healthd.render_upstreams(cfg, {k1: "down"})
-    block = text.split("upstream %s {" % web["name"])[1].split("}")[0]
+    block = text.split("upstream {} {{".format(web["name"]))[1].split("}")[0]
     assert "server 10.99.0.21:8080 weight=100 max_fails=1 fail_timeout=10s down;" in block
     assert "server 10.99.0.22:8080 weight=100 max_fails=1 fail_timeout=10s;" in block
     text = healthd.render_upstreams(cfg, {k1: "down", k2: "down"})
-    block = text.split("upstream %s {" % web["name"])[1].split("}")[0]
+    block = text.split("upstream {} {{".format(web["name"]))[1].split("}")[0]
     assert " down;" not in block  # all failed: fail open
 
 
@@ -65,7 +72,7 @@ def test_render_sticky_per_backend_upstreams(healthd, cfg):
     sticky = next(u for u in cfg["upstreams"] if u["listener"] == "sticky")
     be1, be2 = sticky["members"]
     text = healthd.render_upstreams(cfg, {healthd.probe_key(be1, sticky["check"]): "down"})
-    block = text.split("upstream %s__%s {" % (sticky["name"], be1["id"]))[1].split("}")[0]
+    block = text.split("upstream {}__{} {{".format(sticky["name"], be1["id"]))[1].split("}")[0]
     lines = [ln.strip() for ln in block.strip().splitlines()]
     assert lines[0].startswith("server 10.99.0.21:8080") and lines[0].endswith("down;  # be1")
     assert lines[1].startswith("server 10.99.0.22:8080") and "backup;" in lines[1]
@@ -108,9 +115,14 @@ def run(coro):
 
 @pytest.mark.parametrize(
     "line,ok",
-    [(b"HTTP/1.1 200 OK\r\n\r\n", True), (b"HTTP/1.1 302 Found\r\n\r\n", True),
-     (b"HTTP/1.1 404 Not Found\r\n\r\n", False), (b"HTTP/1.0 503 x\r\n\r\n", False),
-     (b"garbage\r\n", False), (None, False)],
+    [
+        (b"HTTP/1.1 200 OK\r\n\r\n", True),
+        (b"HTTP/1.1 302 Found\r\n\r\n", True),
+        (b"HTTP/1.1 404 Not Found\r\n\r\n", False),
+        (b"HTTP/1.0 503 x\r\n\r\n", False),
+        (b"garbage\r\n", False),
+        (None, False),
+    ],
 )
 def test_http_probe_status_classes(healthd, line, ok):
     async def go():
@@ -118,6 +130,7 @@ def test_http_probe_status_classes(healthd, line, ok):
             probe = {"address": "127.0.0.1", "port": srv.port, "check": check(timeout=2)}
             result = await healthd.run_probe(probe)
             return result, srv.requests
+
     (passed, error, _), requests = run(go())
     assert passed is ok, error
     assert requests[0].startswith(b"GET /h HTTP/1.1\r\nHost: 127.0.0.1\r\n")
@@ -130,6 +143,7 @@ def test_http_probe_host_header_and_timeout(healthd):
             c["http"]["host"] = "health.example.com"
             c["http"]["method"] = "HEAD"
             return await healthd.run_probe({"address": "127.0.0.1", "port": srv.port, "check": c}), srv
+
     (passed, error, _), srv = run(go())
     assert not passed and "timeout" in error
     assert srv.requests[0].startswith(b"HEAD /h HTTP/1.1\r\nHost: health.example.com\r\n")
@@ -142,6 +156,7 @@ def test_tcp_probe(healthd):
             port = srv.port
         down = await healthd.run_probe({"address": "127.0.0.1", "port": port, "check": check(type="tcp")})
         return up, down
+
     up, down = run(go())
     assert up[0] and not down[0]
 
@@ -166,6 +181,7 @@ def test_apply_writes_validates_reloads(healthd, cfg, tmp_path):
         d.health[key].state = "down"
         await d.apply()
         return d, first, second, key
+
     d, first, second, key = run(go())
     assert first == (True, 1) and not second and marker.exists()
     assert " down;" in (tmp_path / "upstreams.conf").read_text()
@@ -185,6 +201,7 @@ def test_apply_restores_file_when_nginx_rejects(healthd, cfg, tmp_path):
         d.health = {k: healthd.Health(p["check"]) for k, p in d.probes.items()}
         await d.apply()
         return d
+
     d = run(go())
     assert (tmp_path / "upstreams.conf").read_text() == "# old\n"
     assert d.reloads == {"ok": 0, "failed": 1}
@@ -205,9 +222,20 @@ def test_render_command_and_saved_state(healthd, cfg, tmp_path, capsys):
 
 
 def test_metrics_format(healthd):
-    status = {"backends": [{"listener": "web", "server_group": "web", "backend": 'b"1', "address": "1.2.3.4:80",
-                            "state": "up", "checks_ok": 5, "checks_failed": 1}],
-              "reloads": {"ok": 2, "failed": 0}}
+    status = {
+        "backends": [
+            {
+                "listener": "web",
+                "server_group": "web",
+                "backend": 'b"1',
+                "address": "1.2.3.4:80",
+                "state": "up",
+                "checks_ok": 5,
+                "checks_failed": 1,
+            }
+        ],
+        "reloads": {"ok": 2, "failed": 0},
+    }
     text = healthd.format_metrics(status)
     assert 'openclb_backend_up{listener="web",server_group="web",backend="b\\"1",address="1.2.3.4:80"} 1' in text
     assert 'result="fail"} 1' in text
@@ -233,6 +261,7 @@ def test_status_endpoint(healthd, cfg, tmp_path):
         for t in d.tasks.values():
             t.cancel()
         return data
+
     data = run(go())
     body = json.loads(data.split(b"\r\n\r\n", 1)[1])
     assert {b["backend"] for b in body["backends"]} == {"be1", "be2"}

@@ -48,7 +48,9 @@ def test_servers_follow_the_model_vhosts(plan_mod):
     assert [s["default"] for s in web["servers"]] == [False, False, True]
     www = server(web, "www.example.com")
     assert [(loc["path"], loc["upstream"], loc["server_group"]) for loc in www["locations"]] == [
-        ("/api", "web__api", "api"), ("/", "web__web", "web")]
+        ("/api", "web__api", "api"),
+        ("/", "web__web", "web"),
+    ]
     assert www["locations"][0]["route_var"] is None  # no cookie on this listener
 
 
@@ -80,8 +82,7 @@ def test_keyserver_key_is_a_pkcs11_uri(plan_mod):
 
 def test_cookie_insert(plan_mod):
     sticky = listener(plan(plan_mod), "sticky")
-    assert sticky["cookie"] == {"type": "insert", "name": "OPENCLB_SRV", "route_cookie": "OPENCLB_SRV",
-                                "timeout": 3600}
+    assert sticky["cookie"] == {"type": "insert", "name": "OPENCLB_SRV", "route_cookie": "OPENCLB_SRV", "timeout": 3600}
     sc = sticky["setcookies"][0]
     first = sc["members"][0]
     assert first["value"] == "OPENCLB_SRV=" + first["id"] + "; Max-Age=3600; Path=/; HttpOnly"
@@ -104,12 +105,25 @@ def test_secure_flag_on_https_cookies(plan_mod):
 def test_upstreams_for_healthd(plan_mod):
     p = plan(plan_mod, max_fails=2, fail_timeout=5)
     ups = {u["name"]: u for u in p["upstreams"]}
-    assert set(ups) == {"web__api", "web__static", "web__web", "sticky__web", "rewrite__web",
-                        "secure__web", "legacy__web"}  # the redirect listener proxies nothing
+    assert set(ups) == {
+        "web__api",
+        "web__static",
+        "web__web",
+        "sticky__web",
+        "rewrite__web",
+        "secure__web",
+        "legacy__web",
+    }  # the redirect listener proxies nothing
     web = ups["web__web"]
     assert web["check"] == {
-        "type": "http", "port": None, "interval": 1, "timeout": 1, "healthy_threshold": 2,
-        "unhealthy_threshold": 2, "http": {"method": "GET", "uri": "/health", "host": None, "status": [2, 3]}}
+        "type": "http",
+        "port": None,
+        "interval": 1,
+        "timeout": 1,
+        "healthy_threshold": 2,
+        "unhealthy_threshold": 2,
+        "http": {"method": "GET", "uri": "/health", "host": None, "status": [2, 3]},
+    }
     assert (web["max_fails"], web["fail_timeout"], web["sticky"]) == (2, 5, False)
     assert ups["sticky__web"]["sticky"]
     assert web["members"][0]["addr"] == "10.99.0.21:8080" and len(web["members"][0]["id"]) == 12
