@@ -27,6 +27,10 @@ WS_GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 
 class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+    # one segment per response, no Nagle: otherwise keep-alive clients
+    # (nginx's upstream keepalive included) wait for delayed ACKs
+    wbufsize = -1
+    disable_nagle_algorithm = True
 
     def log_message(self, *args):
         pass

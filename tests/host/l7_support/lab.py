@@ -190,7 +190,12 @@ class L7Lab:
             ANSIBLE_LOCAL_TEMP=os.path.join(self.tmp, "ansible-tmp"),
             ANSIBLE_REMOTE_TEMP=os.path.join(self.tmp, "ansible-tmp"),
         )
-        return sh(*argv, ns=self.lb, check=False, timeout=600, env=env, cwd=REPO)
+        result = sh(*argv, ns=self.lb, check=False, timeout=600, env=env, cwd=REPO)
+        healthd = self.procs.get("healthd")
+        if not check and healthd and healthd.poll() is None:
+            # l7_service_manager none: the role's "reload healthd" is ours to do
+            os.kill(healthd.pid, signal.SIGHUP)
+        return result
 
     @staticmethod
     def recap(result):
