@@ -22,10 +22,13 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "l7_
 
 import lab as l7lab  # noqa: E402
 
-pytestmark = pytest.mark.skipif(
-    os.geteuid() != 0 or not shutil.which("nginx") or not shutil.which("curl"),
-    reason="needs root, nginx and curl",
-)
+pytestmark = [
+    pytest.mark.host,
+    pytest.mark.skipif(
+        os.geteuid() != 0 or not shutil.which("nginx") or not shutil.which("curl"),
+        reason="needs root, nginx and curl",
+    ),
+]
 
 VIP = "203.0.113.10"
 STREAM = os.path.join(os.path.dirname(os.path.abspath(__file__)), "l7_support", "stream.py")
@@ -161,6 +164,11 @@ def test_redirect_to_https(lab):
         "%{http_code} %{redirect_url}",
     )
     assert r.stdout == "301 https://www.example.com/x?y=1"
+
+
+def test_acl(lab):
+    r = lab.curl(f"http://{VIP}:8090/", "-o", "/dev/null", "-w", "%{http_code}")
+    assert r.stdout == "403"  # the client is on this listener's blacklist
 
 
 def test_websocket_echo(lab):
@@ -317,6 +325,7 @@ def test_failed_http_check_takes_backend_out_in_time_and_back(lab):
     lab.set_health("be2", 503)
     try:
         took = wait_state(lab, "web", "be2", "down", 8)
+        print(f"be2 failing its check: out after {took:.2f} s (limit 3 s)")
         assert took is not None and took <= 3.0, took
         assert wait_routed(lab, url, "be2", False, 3) is not None
         result = stream(lab, url, "--count", "200", "--seconds", "20")
@@ -324,6 +333,7 @@ def test_failed_http_check_takes_backend_out_in_time_and_back(lab):
     finally:
         lab.set_health("be2", None)
     took = wait_state(lab, "web", "be2", "up", 8)
+    print(f"be2 passing again: back after {took:.2f} s (limit 3 s)")
     assert took is not None and took <= 3.0, took
     assert wait_routed(lab, url, "be2", True, 3) is not None
 
@@ -336,6 +346,7 @@ def test_dead_backend_loses_no_request(lab):
     proc.wait(5)
     try:
         result = stream(lab, url, "--count", "600", "--seconds", "8", "--workers", "4")
+        print("be1 killed, stream:", result)
         assert result["failed"] == 0, result
         assert wait_state(lab, "web", "be1", "down", 5) is not None
         assert set(stream(lab, url, "--count", "100")["backends"]) == {"be2"}

@@ -10,6 +10,7 @@ nodes are up.
 
 import json
 import os
+import shutil
 import subprocess
 import tempfile
 
@@ -129,10 +130,13 @@ def hosts():
     vars_file = os.path.join(tmp, "vars.json")
     with open(vars_file, "w") as fh:
         json.dump({"openclb_tls_material": make_material(tmp)}, fh)
-    result = converge(vars_file)
-    assert recap(result, "l7-1")["failed"] == 0, result.stdout[-4000:]
-    hosts["_vars"] = vars_file
-    return hosts
+    try:
+        result = converge(vars_file)
+        assert recap(result, "l7-1")["failed"] == 0, result.stdout[-4000:]
+        hosts["_vars"] = vars_file
+        yield hosts
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # test keys
 
 
 def test_second_run_and_check_mode_change_nothing(hosts):

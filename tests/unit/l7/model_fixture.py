@@ -85,6 +85,7 @@ def raw():
             https("secure", 443, "tls_cipher_policy_1_2_strict", [www, api]),
             https("legacy", 8443, "tls_cipher_policy_1_0", [www], http2=False),
             {"name": "redirect", "protocol": "http", "vip": VIP, "port": 8000, "redirect_to_https": 443},
+            http("denied", 8090, acl={"type": "blacklist", "entries": ["198.51.100.10/32"]}),
         ],
     }
 

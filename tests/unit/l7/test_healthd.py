@@ -49,9 +49,9 @@ def test_thresholds(healthd):
 
 def test_probe_keys_dedupe_identical_checks(healthd, cfg):
     probes = healthd.probes_from_config(cfg)
-    # be1 serves five proxying listeners with the same check: one probe
+    # be1 serves six proxying listeners with the same check: one probe
     be1 = [p for p in probes.values() if p["address"] == "10.99.0.21"]
-    assert len(be1) == 1 and len(be1[0]["users"]) == 5
+    assert len(be1) == 1 and len(be1[0]["users"]) == 6
     m = {"address": "10.0.0.1", "port": 80}
     assert healthd.probe_key(m, check()) != healthd.probe_key(m, check(port=81))
 

@@ -113,6 +113,7 @@ def test_upstreams_for_healthd(plan_mod):
         "rewrite__web",
         "secure__web",
         "legacy__web",
+        "denied__web",
     }  # the redirect listener proxies nothing
     web = ups["web__web"]
     assert web["check"] == {
@@ -165,5 +166,5 @@ def test_tcp_check_and_no_check(plan_mod):
 def test_bad_input_names_the_field(plan_mod):
     model = model_fixture.normalised()
     model["l7_listeners"][0]["health_check"]["type"] = "udp"
-    with pytest.raises(plan_mod.PlanError, match=r"listeners\[legacy\]\.health_check\.type"):
+    with pytest.raises(plan_mod.PlanError, match=r"listeners\[denied\]\.health_check\.type"):
         plan_mod.openclb_l7_plan(model, "l7a", {})
