@@ -1,4 +1,6 @@
-"""Add one IPVS TCP service with one masqueraded real server over netlink (pyroute2)."""
+"""Add one IPVS TCP service with one masqueraded (NAT) real server over netlink (pyroute2).
+
+pyroute2 defaults a destination to direct routing (3): NAT is asked for explicitly."""
 
 import socket
 import sys
@@ -14,5 +16,5 @@ with IPVS() as ipvs:
         print("present")
         sys.exit(0)
     ipvs.service("add", service=svc)
-    ipvs.dest("add", service=svc, dest=IPVSDest(addr=rip, port=rport, weight=1))
+    ipvs.dest("add", service=svc, dest=IPVSDest(addr=rip, port=rport, weight=1, fwd_method=0))  # 0 = masquerade (NAT)
     print("added")
