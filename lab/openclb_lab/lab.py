@@ -95,14 +95,16 @@ class Lab:
         return self.ssh_args(host, batch=not tty) + (["-t"] if tty else []) + ([remote] if remote else [])
 
     def ssh_ready(self, host: Host) -> bool:
-        res = subprocess.run(self.exec_argv(host.name, ["true"]), capture_output=True, timeout=30)
+        res = subprocess.run(self.exec_argv(host.name, ["true"]), capture_output=True, timeout=30, check=False)
         return res.returncode == 0
 
     # ---- network -----------------------------------------------------------
     def create_network(self) -> None:
         if not self.netns_exists():
             run(["ip", "netns", "add", self.ns])
-        nsrun = lambda *a: run(["ip", "-n", self.ns, *a])  # noqa: E731
+        def nsrun(*args: str) -> None:
+            run(["ip", "-n", self.ns, *args])
+
         nsrun("link", "set", "lo", "up")
         for net in self.topo.networks.values():
             if run(["ip", "-n", self.ns, "link", "show", net.bridge], check=False, quiet=True).returncode:
