@@ -563,19 +563,23 @@ def normalize_service(where, raw):
     svc["flags"] = flag_names(flag_bits(flags), scheduler)
     seen = {}
     servers = []
+    absent = []
     for i, rs_raw in enumerate(raw.get("real_servers") or []):
         rwhere = f"{where}real_servers[{i}]."
         if not isinstance(rs_raw, dict):
             raise IPVSError("{}: must be a dictionary".format(rwhere.rstrip(".")))
         rs = normalize_real_server(rwhere, rs_raw, svc)
-        if rs_raw.get("state", "present") == "absent":
-            continue  # an explicit absent entry just is not wanted
+        if (rs_raw.get("state") or "present") == "absent":
+            absent.append(dest_key(rs))
+            continue
         if dest_key(rs) in seen:
             raise IPVSError(f"{rwhere.rstrip('.')}: duplicate of real_servers[{seen[dest_key(rs)]}] "
                             f"({hostport(*dest_key(rs))})")
         seen[dest_key(rs)] = i
         servers.append(rs)
     svc["real_servers"] = sorted(servers, key=dest_sort_key)
+    # Private: servers listed with state=absent (removed even without purge).
+    svc["_absent"] = absent
     state = raw.get("state") or "present"
     if state not in ("present", "absent"):
         raise IPVSError(f"{where}state: {state!r} is not present or absent")
@@ -647,10 +651,9 @@ def plan(current, wanted, purge=False):
             actions.append({"op": "set", "kind": "service", "service": want, "changes": changes})
         cur_rs = {dest_key(r): r for r in cur["real_servers"]}
         want_rs = {dest_key(r): r for r in want["real_servers"]}
-        if purge_rs:
-            for k, r in cur_rs.items():
-                if k not in want_rs:
-                    actions.append({"op": "del", "kind": "dest", "service": want, "dest": r})
+        for k, r in cur_rs.items():
+            if k not in want_rs and (purge_rs or k in want.get("_absent", ())):
+                actions.append({"op": "del", "kind": "dest", "service": want, "dest": r})
         for k, r in want_rs.items():
             if k not in cur_rs:
                 actions.append({"op": "add", "kind": "dest", "service": want, "dest": r})
@@ -702,7 +705,7 @@ def service_view(svc):
     """A service as shown in diffs and results (real servers keyed by host:port)."""
     if svc is None:
         return {}
-    view = {k: v for k, v in svc.items() if k != "real_servers" and v is not None}
+    view = {k: v for k, v in svc.items() if k != "real_servers" and not k.startswith("_") and v is not None}
     view["real_servers"] = {hostport(*dest_key(r)): {k: r[k] for k in DEST_ATTRS}
                             for r in svc.get("real_servers", [])}
     return view
@@ -734,7 +737,8 @@ def run_services(kernel, wanted, purge, check_mode):
             view = service_view(w)
             if not purge_rs and key in by_key:  # kept unlisted servers stay
                 for r in by_key[key]["real_servers"]:
-                    view["real_servers"].setdefault(hostport(*dest_key(r)), {k: r[k] for k in DEST_ATTRS})
+                    if dest_key(r) not in w["_absent"]:
+                        view["real_servers"].setdefault(hostport(*dest_key(r)), {k: r[k] for k in DEST_ATTRS})
             after[service_id(w)] = view
     return bool(actions), [describe(a) for a in actions], before, after
 
