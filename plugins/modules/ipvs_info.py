@@ -12,21 +12,24 @@ version_added: "0.1.0"
 description:
   - Dumps IPVS services, their real servers (with active, inactive and persistent connection counts) and
     the running connection sync daemons through generic netlink (pyroute2). Never runs C(ipvsadm).
-  - Does not load C(ip_vs); when the module is not loaded it returns O(ignored:loaded=false) and empty lists.
+  - Does not load C(ip_vs); when the module is not loaded it returns RV(loaded=false) and empty lists.
 author:
-  - openclb developers
+  - openclb developers (@openclb)
 requirements:
   - pyroute2 >= 0.9.7 on the managed node
 attributes:
   check_mode:
+    description: Can run in check_mode and return changed status prediction without modifying target.
     support: full
     details: Read-only.
   diff_mode:
+    description: Will return details on what has changed (or possibly needs changing in check_mode), when in diff mode.
     support: none
 options:
   stats:
     description:
       - Include the traffic counters of services and real servers (connections, packets, bytes and their rates).
+      - Active, inactive and persistent connection counts of real servers are always returned.
     type: bool
     default: true
 """
@@ -106,17 +109,17 @@ def main():
     module = build_module()
     kernel = open_kernel(module, load_module=False)
     try:
-        services = read_services(kernel, with_stats=module.params["stats"])
+        services = read_services(kernel, with_stats=True)
         daemons = read_daemons(kernel)
     except (IPVSError, NetlinkError) as exc:
         module.fail_json(msg=f"reading IPVS state failed: {exc}")
     finally:
         kernel.close()
-    if not module.params["stats"]:
+    if not module.params["stats"]:  # connection counts stay: they are what draining watches
         for svc in services:
+            svc.pop("stats")
             for rs in svc["real_servers"]:
-                for key in ("active_conns", "inactive_conns", "persist_conns"):
-                    rs.pop(key, None)
+                rs.pop("stats")
     module.exit_json(changed=False, loaded=kernel.available, services=services, sync_daemons=daemons)
 
 

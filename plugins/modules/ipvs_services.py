@@ -11,23 +11,25 @@ short_description: Manage many IPVS virtual services and their real servers in o
 version_added: "0.1.0"
 description:
   - The list form of M(openclb.lb.ipvs_virtual_server) with the same per-service semantics, applied in one
-    module run, over one netlink socket: the kernel table is dumped once, every service is compared, and only
+    module run over one netlink socket. The kernel table is dumped once, every service is compared, and only
     the differences are sent. All entries are validated before anything is changed.
-  - With O(purge=true) the module owns the whole IPVS table of the host: kernel services that are not listed
+  - With O(purge=true) the module owns the whole IPVS table of the host; kernel services that are not listed
     are deleted. Do not use O(purge=true) on a host where keepalived C(virtual_server) blocks (or anything
     else) also program IPVS; see C(docs/ipvs-modules.md).
   - Loads C(ip_vs) with C(modprobe) when the IPVS generic netlink family is missing (not in check mode).
 author:
-  - openclb developers
+  - openclb developers (@openclb)
 requirements:
   - pyroute2 >= 0.9.7 on the managed node
   - Linux with IPVS (C(ip_vs) and the scheduler modules)
 attributes:
   check_mode:
+    description: Can run in check_mode and return changed status prediction without modifying target.
     support: full
   diff_mode:
+    description: Will return details on what has changed (or possibly needs changing in check_mode), when in diff mode.
     support: full
-    details: Before and after of every listed (and purged) service, keyed by service id (C(tcp 203.0.113.10:80)).
+    details: Before and after of every listed (and purged) service, keyed by service id, for example C(tcp 203.0.113.10:80).
 options:
   services:
     description:

@@ -13,20 +13,22 @@ description:
   - Starts or stops the kernel's IPVS connection sync daemon in master role, backup role, or both, with
     generic netlink C(IPVS_CMD_NEW_DAEMON), C(IPVS_CMD_DEL_DAEMON) and C(IPVS_CMD_GET_DAEMON). Never runs
     C(ipvsadm).
-  - Idempotent: a running daemon whose parameters match is left alone. The kernel cannot change a running
+  - A running daemon whose parameters match is left alone. The kernel cannot change a running
     daemon, so a changed parameter stops and starts that daemon (connections already synchronised on the
     peer stay there; sync messages pause for the restart).
   - Parameters left unset accept whatever the kernel runs with (its defaults are multicast group
     224.0.0.81, port 8848, TTL 1 and a message size from the interface MTU).
   - Loads C(ip_vs) with C(modprobe) when the IPVS generic netlink family is missing (not in check mode).
 author:
-  - openclb developers
+  - openclb developers (@openclb)
 requirements:
   - pyroute2 >= 0.9.7 on the managed node
 attributes:
   check_mode:
+    description: Can run in check_mode and return changed status prediction without modifying target.
     support: full
   diff_mode:
+    description: Will return details on what has changed (or possibly needs changing in check_mode), when in diff mode.
     support: full
     details: Before and after of the affected daemons, keyed by role.
 options:
