@@ -301,7 +301,8 @@ def test_ipv6_and_fwmark(clean):
     assert table["FWM 7 IPv6 rr"] == ["[2001:db8:1::41]:0 Tunnel 1"]
     assert table["FWM 7 lc persistent 30"] == ["10.99.0.41:0 Route 2"]
     proc = sh("cat /proc/net/ip_vs")
-    assert "FWM  00000007 rr" in proc and "persistent 6000 FFFFFFC0" not in proc
+    # /proc prints ntohl(netmask): the IPv6 /64 must read as ipvsadm -M 64 writes it (host-order 64)
+    assert "FWM  00000007 rr" in proc and ":01BB mh persistent 6000 40000000" in proc
     r = drive(clean, {"op": "services", "services": [v6, fwm, fwm4]})
     assert r["changed"] is False, r["actions"]
     read = drive(clean, {"op": "read"})["services"]
