@@ -42,10 +42,11 @@ DISABLED_SERVICES = ["nginx", "keepalived", "conntrackd", "stunnel4", "prometheu
 MASKED_UNITS = [
     "getty@tty1.service", "serial-getty@ttyS0.service", "console-getty.service",
     "systemd-timesyncd.service", "apt-daily.timer", "apt-daily-upgrade.timer",
-    "e2scrub_all.timer", "fstrim.timer",
+    "e2scrub_all.timer", "fstrim.timer", "e2scrub_reap.service", "getty-static.service",
+    "ipvsadm.service",  # Debian's boot-time rule loader: IPVS state belongs to keepalived and the modules
 ]
 IMAGE_SIZE = "3G"
-RECIPE_VERSION = "3"  # bump when the customisation below changes
+RECIPE_VERSION = "4"  # bump when the customisation below changes
 
 
 def uml_kernel_version() -> str:
@@ -94,7 +95,9 @@ def ensure_image() -> Path:
     img.parent.mkdir(parents=True, exist_ok=True)
     build = cache_dir() / "build"
     build.mkdir(parents=True, exist_ok=True)
-    rootfs = build / f"rootfs-{recipe_key()}"
+    # The debootstrap tree depends only on the package list: kept, so a change
+    # of the customisation below rebuilds in seconds, not minutes.
+    rootfs = build / f"rootfs-{hashlib.sha256(' '.join(PACKAGES).encode()).hexdigest()[:12]}"
     t0 = time.monotonic()
     if not (rootfs / ".openclb-debootstrap-done").exists():
         shutil.rmtree(rootfs, ignore_errors=True)
@@ -109,7 +112,9 @@ def ensure_image() -> Path:
     run(["truncate", "-s", IMAGE_SIZE, str(tmp)])
     run(["mkfs.ext4", "-q", "-F", "-L", "openclb-root", "-d", str(rootfs), str(tmp)])
     os.replace(tmp, img)  # atomically: a half-built image is never used
-    shutil.rmtree(rootfs, ignore_errors=True)
+    for old in build.glob("rootfs-*"):
+        if old != rootfs:
+            shutil.rmtree(old, ignore_errors=True)
     for old in img.parent.glob("base-*.img"):  # older recipes' images
         if old != img:
             old.unlink(missing_ok=True)
@@ -138,7 +143,9 @@ def customise(root: Path) -> None:
     if not link.is_symlink():
         link.symlink_to("/etc/systemd/system/openclb-lab-net.service")
 
-    _write(root / "etc/fstab", "LABEL=openclb-root / ext4 defaults,noatime 0 1\n")
+    # The kernel mounts the root read-write (`rw`); an fstab entry would only make
+    # systemd wait for udev to announce the device.
+    _write(root / "etc/fstab", "")
     _write(root / "etc/hosts", "127.0.0.1 localhost\n::1 localhost ip6-localhost ip6-loopback\n")
     _write(root / "root/.ssh/authorized_keys", lab_key_path().with_suffix(".pub").read_text(), 0o600)
     (root / "root/.ssh").chmod(0o700)
