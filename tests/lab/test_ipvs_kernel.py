@@ -369,3 +369,89 @@ def test_missing_ip_vs_is_loaded(guest):
     r = drive(guest, {"op": "services", "services": [WEB]})
     assert r["changed"] and "ip_vs " in sh("lsmod")
     sh("ipvsadm -C")
+
+
+PLAYBOOK = """
+- name: The ipvs modules through Ansible on a lab guest
+  hosts: "{{ target }}"
+  gather_facts: false
+  environment:
+    PYTHONPATH: "{{ pythonpath }}"
+  vars:
+    ansible_python_interpreter: "{{ python }}"
+    web:
+      address: 203.0.113.10
+      port: 80
+      scheduler: wrr
+      real_servers:
+        - {address: 10.99.0.41, port: 8080, weight: 1}
+        - {address: 10.99.0.42, port: 8080, weight: 3}
+  tasks:
+    - {name: Add in check mode, openclb.lb.ipvs_virtual_server: "{{ web }}", check_mode: true, register: r_check}
+    - {name: Add, openclb.lb.ipvs_virtual_server: "{{ web }}", register: r_add}
+    - {name: Add again, openclb.lb.ipvs_virtual_server: "{{ web }}", register: r_again}
+    - name: Many services with purge
+      openclb.lb.ipvs_services:
+        purge: true
+        services:
+          - "{{ web | combine({'real_servers': [web.real_servers[0], web.real_servers[1] | combine({'weight': 5})]}) }}"
+          - {protocol: udp, address: "2001:db8::53", port: 53, scheduler: rr, flags: [one-packet],
+             real_servers: [{address: "2001:db8:1::41", port: 5353}]}
+      register: r_many
+    - {name: Info, openclb.lb.ipvs_info: {}, register: r_info}
+    - name: Sync daemons
+      openclb.lb.ipvs_sync_daemon: {role: [master, backup], interface: internal, syncid: 7}
+      register: r_sync
+    - name: Sync daemons again
+      openclb.lb.ipvs_sync_daemon: {role: [master, backup], interface: internal, syncid: 7}
+      register: r_sync2
+    - name: Stop sync daemons
+      openclb.lb.ipvs_sync_daemon: {role: [master, backup], state: absent}
+      register: r_stop
+    - name: Bad input fails before any change
+      openclb.lb.ipvs_services:
+        services:
+          - {address: 203.0.113.10, port: 80, real_servers: [{address: 10.99.0.41, port: 81, forwarding: dr}]}
+      register: r_bad
+      ignore_errors: true
+    - name: Report
+      ansible.builtin.copy:
+        dest: "{{ report }}"
+        mode: "0644"
+        content: "{{ {'check': r_check, 'add': r_add, 'again': r_again, 'many': r_many, 'info': r_info,
+                      'sync': r_sync, 'sync2': r_sync2, 'stop': r_stop, 'bad': r_bad} | to_json }}"
+      delegate_to: localhost
+      vars:
+        ansible_python_interpreter: "{{ ansible_playbook_python }}"
+"""
+
+
+def test_modules_through_ansible(clean, tmp_path):
+    """The real modules (argument specs, check mode, results) via ansible-playbook over the lab's ssh."""
+    playbook = Path(sys.executable).with_name("ansible-playbook")
+    if not playbook.exists():
+        pytest.skip("ansible-playbook not next to this Python")
+    coll = tmp_path / "collections" / "ansible_collections" / "openclb"
+    coll.mkdir(parents=True)
+    (coll / "lb").symlink_to(REPO)
+    (tmp_path / "play.yml").write_text(PLAYBOOK)
+    report = tmp_path / "report.json"
+    env = dict(os.environ, ANSIBLE_COLLECTIONS_PATH=str(tmp_path / "collections"),
+               ANSIBLE_CONFIG=str(REPO / "ansible.cfg"))
+    extra = {"target": HOST, "python": clean["python"], "pythonpath": clean["path"], "report": str(report)}
+    p = subprocess.run([str(playbook), "-i", str(REPO / "inventories/lab"), "-l", HOST, str(tmp_path / "play.yml"),
+                        "-e", json.dumps(extra)], capture_output=True, text=True, env=env, timeout=600)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-2000:]
+    r = json.loads(report.read_text())
+    assert r["check"]["changed"] and r["add"]["changed"] and len(r["add"]["actions"]) == 3
+    assert not r["again"]["changed"]
+    assert r["many"]["actions"] == [
+        "set real server tcp 203.0.113.10:80 -> 10.99.0.42:8080 (weight 3 -> 5)",
+        "add service udp [2001:db8::53]:53 scheduler rr",
+        "add real server udp [2001:db8::53]:53 -> [2001:db8:1::41]:5353 nat weight 1",
+    ]
+    assert r["info"]["loaded"] and len(r["info"]["services"]) == 2
+    assert r["sync"]["changed"] and len(r["sync"]["sync_daemons"]) == 2 and not r["sync2"]["changed"]
+    assert r["stop"]["sync_daemons"] == []
+    assert r["bad"]["failed"] and "real_servers[0].port: 81 differs" in r["bad"]["msg"]
+    assert set(ipvsadm_table()) == {"TCP 203.0.113.10:80 wrr", "UDP [2001:db8::53]:53 rr ops"}
