@@ -243,7 +243,8 @@ def test_weight_set_keeps_existing_connections(clean):
                        capture_output=True, timeout=60)
         conns = sh("ipvsadm -Lnc")
         if f"{vip}:80" not in conns:
-            pytest.skip(f"no connection entry was created from client1 (lab clients missing?): {conns}")
+            pytest.skip(f"no connection entry was created from client1 (lab clients missing, or another guest "
+                        f"also holds {vip}?): {conns}")
         before = ipvsadm_table()["TCP 203.0.113.10:80 wrr"]
         r = drive(clean, {"op": "services", "services": [
             dict(WEB, real_servers=[dict(WEB["real_servers"][0], weight=9)])]})
