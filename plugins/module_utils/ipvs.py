@@ -1,5 +1,5 @@
 # Copyright: openclb developers
-# Apache License 2.0 (see galaxy.yml)
+# GNU General Public License v3.0+ (see COPYING or https://www.gnu.org/licenses/gpl-3.0.txt)
 """IPVS state over generic netlink (pyroute2), shared by the ipvs_* modules.
 
 One home for: reading the kernel table (services, real servers, sync daemons),
