@@ -4,7 +4,6 @@ import subprocess
 from pathlib import Path
 
 import pytest
-
 from openclb_lab import topology
 from openclb_lab.lab import Lab, _tap
 from openclb_lab.probe import _who
