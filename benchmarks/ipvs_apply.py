@@ -1,4 +1,3 @@
-#!/usr/bin/env python3
 """Benchmark: programming a large IPVS table through the modules' netlink code vs ipvsadm.
 
 Runs INSIDE a guest with IPVS (it flushes that guest's IPVS table), or from the
@@ -45,7 +44,7 @@ def run_in_lab(args):
     d = "/tmp/openclb-ipvs-bench"
     subprocess.run([lab, "exec", args.lab, "--", "sh", "-c", f"rm -rf {d}; mkdir -p {d}; tar -xf - -C {d}"],
                    input=buf.getvalue(), check=True)
-    argv = [a for a in sys.argv[1:]]
+    argv = list(sys.argv[1:])
     i = argv.index("--lab")
     del argv[i:i + 2]
     return subprocess.call([lab, "exec", args.lab, "--", "env", f"PYTHONPATH={d}:{d}/vendor",

@@ -102,6 +102,7 @@ class Lab:
     def create_network(self) -> None:
         if not self.netns_exists():
             run(["ip", "netns", "add", self.ns])
+
         def nsrun(*args: str) -> None:
             run(["ip", "-n", self.ns, *args])
 

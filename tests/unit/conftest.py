@@ -49,7 +49,7 @@ def _roundtrip(msg):
 
 
 def _attrs(nla):
-    return {name: value for name, value in nla["attrs"]}
+    return dict(nla["attrs"])
 
 
 class FakeKernelTable:
