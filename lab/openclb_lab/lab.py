@@ -175,7 +175,9 @@ class Lab:
         if host.gateway:
             argv.append(f"openclb.gw={host.gateway}")
         argv += [f"vec{i}:transport=tap,ifname={tap},depth=128,gro=1" for i, tap in enumerate(taps)]
-        env = dict(os.environ, TMPDIR=str(gdir))
+        # UML backs guest RAM with an (unlinked) temp file: on tmpfs, not disk,
+        # so guest memory never goes through disk writeback.
+        env = dict(os.environ, TMPDIR="/dev/shm" if Path("/dev/shm").is_dir() else str(gdir))
         if preload:
             env["LD_PRELOAD"] = preload
         console = open(gdir / "console.log", "ab")
