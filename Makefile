@@ -11,12 +11,12 @@ HOST_PACKAGES := user-mode-linux uml-utilities debootstrap e2fsprogs iproute2 so
 	curl wrk iperf3 openssl gcc libc6-dev
 RESULTS := results
 
-.PHONY: help deps venv lab-up lab-down lab-status deploy demo check-traffic lint sanity unit molecule labtest test clean
+.PHONY: help deps venv lab-up lab-down lab-status deploy demo check-traffic lint sanity unit hosttest molecule labtest test clean clean-cache
 
 help:
 	@echo "make demo      install what is missing, boot the lab, deploy, send traffic, print the table"
 	@echo "make test      the whole suite: lint, sanity, unit, Molecule, lab tests"
-	@echo "make lab-up | lab-down | lab-status | deploy | lint | unit | molecule | labtest"
+	@echo "make lab-up | lab-down | lab-status | deploy | lint | sanity | unit | hosttest | molecule | labtest"
 
 deps:  ## Debian packages (only the missing ones; apt-get update once)
 	@missing=$$(for p in $(HOST_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
@@ -67,13 +67,18 @@ sanity: venv
 unit: venv
 	$(PYTEST) -q tests/unit
 
+# Real daemons (nginx, stunnel, softhsm, ...) on this host, inside network
+# namespaces the tests create and remove; root only.
+hosttest: deps venv
+	$(PYTEST) -q -m host tests/host
+
 molecule: deps venv
 	molecule test --all
 
 labtest: deps venv
 	tests/lab/run.sh
 
-test: deps venv lint sanity unit molecule labtest
+test: deps venv lint sanity unit hosttest molecule labtest
 
 clean: lab-down
 	rm -rf .collections $(RESULTS)
