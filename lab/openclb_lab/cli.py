@@ -10,6 +10,7 @@
     openclb-lab boot HOST            boot a halted guest again (its disk is kept)
     openclb-lab cut|restore HOST NET take a guest's link on network NET down / up (inside the guest)
     openclb-lab image                build (or show) the cached guest image
+    openclb-lab traffic [--json F]   send real traffic to every listener, print the table
 
 The topology comes from the lab inventory (inventories/lab); OPENCLB_LAB_NAME
 names the lab (default "openclb": its network namespace), so several labs can
@@ -23,6 +24,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 from . import image, topology
 from .lab import Lab, LabError
@@ -44,6 +46,10 @@ def _parser() -> argparse.ArgumentParser:
     ex = sub.add_parser("exec", help="run a command on a host")
     ex.add_argument("host")
     ex.add_argument("cmd", nargs=argparse.REMAINDER)
+    tr = sub.add_parser("traffic", help="send real traffic to every listener of the model and print a table")
+    tr.add_argument("--json", help="also write the result here")
+    tr.add_argument("--count", type=int, default=60, help="requests per listener (bounded)")
+    tr.add_argument("--client", default="client1", help="client host that sends")
     for verb in ("cut", "restore"):
         c = sub.add_parser(verb, help="take a guest's link down/up from inside the guest")
         c.add_argument("host")
@@ -57,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
         print(image.ensure_image())
         return 0
     try:
-        lab = Lab(topology.load(topology.Path(args.inventory)))
+        lab = Lab(topology.load(Path(args.inventory)))
         return _dispatch(lab, args)
     except (LabError, topology.TopologyError) as e:
         print(f"openclb-lab: {e}", file=sys.stderr)
@@ -96,6 +102,11 @@ def _dispatch(lab: Lab, args) -> int:
         lab.halt(lab.host(args.host))
     elif verb == "boot":
         lab.up([args.host])
+    elif verb == "traffic":
+        from .traffic import run_traffic
+
+        return run_traffic(lab, Path(args.inventory), args.count, args.client,
+                           Path(args.json) if args.json else None)
     elif verb in ("cut", "restore"):
         host = lab.host(args.host)
         if args.network == "mgmt":

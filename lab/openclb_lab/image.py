@@ -28,7 +28,7 @@ PACKAGES = [
     # base system and lab plumbing
     "systemd-sysv", "udev", "kmod", "iproute2", "openssh-server", "netbase", "procps",
     "iputils-ping", "ca-certificates", "openssl", "curl", "socat", "less", "tcpdump",
-    "python3", "python3-venv", "python3-apt",
+    "python3", "python3-venv", "python3-apt", "python3-packaging",
     # L4 tier
     "keepalived", "ipvsadm", "conntrackd", "conntrack", "iptables", "ipset",
     # L7 tier
@@ -112,12 +112,8 @@ def ensure_image() -> Path:
     run(["truncate", "-s", IMAGE_SIZE, str(tmp)])
     run(["mkfs.ext4", "-q", "-F", "-L", "openclb-root", "-d", str(rootfs), str(tmp)])
     os.replace(tmp, img)  # atomically: a half-built image is never used
-    for old in build.glob("rootfs-*"):
-        if old != rootfs:
-            shutil.rmtree(old, ignore_errors=True)
-    for old in img.parent.glob("base-*.img"):  # older recipes' images
-        if old != img:
-            old.unlink(missing_ok=True)
+    # Older images are kept: running guests (of other labs) still read theirs.
+    # `make clean-cache` removes them.
     log(f"guest image: built {img} in {time.monotonic() - t0:.0f} s")
     return img
 

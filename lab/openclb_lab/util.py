@@ -43,7 +43,7 @@ def run(cmd: list[str], check: bool = True, quiet: bool = False, progress: str |
             sys.stderr.write("".join(tail))
             raise subprocess.CalledProcessError(rc, cmd)
         return subprocess.CompletedProcess(cmd, rc)
-    res = subprocess.run(cmd, capture_output=True, text=True, **kw)
+    res = subprocess.run(cmd, capture_output=True, text=True, check=False, **kw)
     if check and res.returncode:
         if not quiet:
             sys.stderr.write(f"command failed ({res.returncode}): {' '.join(cmd)}\n{res.stdout}{res.stderr}")

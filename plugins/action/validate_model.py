@@ -1,5 +1,5 @@
 # Copyright: openclb developers
-# Apache License 2.0 (see galaxy.yml)
+# GNU General Public License v3.0+ (see COPYING or https://www.gnu.org/licenses/gpl-3.0.txt)
 """Action openclb.lb.validate_model: check the whole model on the controller
 before any host is touched, and list every error at once."""
 

@@ -1,5 +1,5 @@
 # Copyright: openclb developers
-# Apache License 2.0 (see galaxy.yml)
+# GNU General Public License v3.0+ (see COPYING or https://www.gnu.org/licenses/gpl-3.0.txt)
 """Filter openclb.lb.lb_model: the normalised load-balancer model."""
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 # Copyright: openclb developers
-# Apache License 2.0 (see galaxy.yml)
+# GNU General Public License v3.0+ (see COPYING or https://www.gnu.org/licenses/gpl-3.0.txt)
 """The openclb load-balancer model, validated and normalised in one place.
 
 Users describe the balancer in three inventory variables (``openclb_cluster``,
@@ -696,7 +696,7 @@ def _build(raw, nodes):
         if lst is not None:
             listeners.append((path, lst))
     _cross_listener_checks(errs, listeners, node_out)
-    listeners = [lst for _, lst in listeners]
+    listeners = [lst for _index, lst in listeners]
     listeners.sort(key=lambda lst: lst["name"] or "")
 
     if errs:
@@ -1000,7 +1000,7 @@ def _cross_listener_checks(errs, listeners, nodes):
                     f"{_hostport(lst['vip'], lst['port'])}/{lst['transport']} is already used by {bind[key]}",
                 )
             bind.setdefault(key, path)
-    by_key = {(lst["vip"], lst["port"]): lst for _, lst in listeners if lst["protocol"] == "https"}
+    by_key = {(lst["vip"], lst["port"]): lst for _index, lst in listeners if lst["protocol"] == "https"}
     # NAT to the L7 nodes rewrites the VIP to the node's own address: nginx
     # can no longer tell two L7 listeners on one port apart.
     l7_ports = {}

@@ -1,6 +1,5 @@
-#!/usr/bin/python
 # Copyright: openclb developers
-# Apache License 2.0 (see galaxy.yml)
+# GNU General Public License v3.0+ (see COPYING or https://www.gnu.org/licenses/gpl-3.0.txt)
 # The work happens in the action plugin plugins/action/validate_model.py (on
 # the controller); this file holds its documentation, as Ansible requires.
 
@@ -10,7 +9,7 @@ DOCUMENTATION = r"""
 module: validate_model
 short_description: Validate the openclb load-balancer model before anything changes
 version_added: 0.1.0
-author: openclb developers
+author: openclb developers (@openclb)
 description:
   - Checks the model described by the inventory variables C(openclb_cluster), C(openclb_server_groups)
     and C(openclb_listeners) together with the node addresses of the inventory groups C(lvs_nodes),
@@ -39,14 +38,20 @@ options:
     default: false
 attributes:
   action:
+    description: Runs as an action plugin on the controller.
     support: full
   async:
+    description: Not meaningful for a controller-side check.
     support: none
   check_mode:
+    description: Changes nothing, so it runs the same in check mode.
     support: full
   diff_mode:
+    description: Has nothing to compare.
     support: none
   platform:
+    description: Runs on the controller only.
+    support: full
     platforms: all
 notes:
   - The filter C(openclb.lb.lb_model) returns the normalised model the roles render from.

@@ -537,7 +537,7 @@ def test_order_of_input_does_not_change_the_output():
     # Templates render from this: any input order must give the same bytes.
     want = json.dumps(model.normalize(RAW, NODES), sort_keys=True)
     rng = random.Random(4242)
-    for _ in range(20):
+    for _attempt in range(20):
         raw = copy.deepcopy(RAW)
         rng.shuffle(raw["listeners"])
         for group in raw["server_groups"].values():
