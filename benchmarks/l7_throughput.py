@@ -1,4 +1,3 @@
-#!/usr/bin/env python3
 """L7 throughput, side by side (root; nginx on the host; a few minutes).
 
 Builds the host lab of tests/host/test_l7_node.py (network namespaces, the

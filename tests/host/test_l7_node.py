@@ -11,7 +11,6 @@ import json
 import os
 import re
 import shutil
-import socket  # noqa: F401 - used by the websocket client source below
 import subprocess
 import sys
 import time
@@ -69,7 +68,7 @@ def wait_routed(lab, url, backend, present, limit, *args):
     """Wait until nginx (after healthd's reload) does/doesn't pick backend."""
     start = time.monotonic()
     while time.monotonic() - start < limit:
-        seen = {backend_of(lab, url, *args) for _ in range(6)}
+        seen = {backend_of(lab, url, *args) for _try in range(6)}
         if (backend in seen) == present:
             return time.monotonic() - start
         time.sleep(0.1)
@@ -121,7 +120,7 @@ def test_check_mode_shows_the_diff_and_changes_nothing(lab):
     ],
 )
 def test_domain_and_path_rules(lab, host, path, group):
-    seen = {backend_of(lab, f"http://{VIP}{path}", "-H", "Host: " + host) for _ in range(6)}
+    seen = {backend_of(lab, f"http://{VIP}{path}", "-H", "Host: " + host) for _try in range(6)}
     assert seen <= group
     if len(group) == 2:
         assert seen == group  # round robin reaches both
@@ -287,7 +286,7 @@ def test_cookie_insert_sticks_and_fails_over(lab):
     sid = cookies_of(r.stdout)["OPENCLB_SRV"]
     first = body_of(r)["backend"]
     assert "Max-Age=3600" in r.stdout
-    seen = {backend_of(lab, url, "-b", "OPENCLB_SRV=" + sid) for _ in range(8)}
+    seen = {backend_of(lab, url, "-b", "OPENCLB_SRV=" + sid) for _try in range(8)}
     assert seen == {first}
     other = ({"be1", "be2"} - {first}).pop()
     lab.set_health(first, 500)
@@ -313,7 +312,7 @@ def test_cookie_rewrite_follows_the_backend_cookie(lab):
     owner = body_of(r)["backend"]
     assert cookies["APPSESSION"] == "session-of-" + owner  # the backend's own cookie is untouched
     route = "APPSESSION={}; APPSESSION_openclb={}".format(cookies["APPSESSION"], cookies["APPSESSION_openclb"])
-    assert {backend_of(lab, url, "-b", route) for _ in range(8)} == {owner}
+    assert {backend_of(lab, url, "-b", route) for _try in range(8)} == {owner}
 
 
 # ---------------------------------------------------------- active checks

@@ -108,6 +108,7 @@ def converge(vars_file, *extra):
         text=True,
         cwd=REPO,
         env=env,
+        check=False,
         timeout=1200,
     )
 

@@ -1,4 +1,3 @@
-#!/usr/bin/python3
 # Copyright: openclb developers
 # Apache-2.0
 """openclb-healthd: active health checks for the nginx upstreams of an L7 node.
@@ -376,7 +375,7 @@ class Daemon:
         proc = await asyncio.create_subprocess_exec(
             *argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT
         )
-        out, _ = await proc.communicate()
+        out, _err = await proc.communicate()
         return proc.returncode == 0, out.decode(errors="replace").strip()
 
     # reporting -----------------------------------------------------------
@@ -444,7 +443,7 @@ class Daemon:
 
     async def main(self, stop):
         self.configure()
-        host, _, port = self.cfg["listen"].rpartition(":")
+        host, _sep, port = self.cfg["listen"].rpartition(":")
         server = await asyncio.start_server(self.serve_http, host.strip("[]"), int(port))
         LOG.info("serving state on http://%s/status and /metrics", self.cfg["listen"])
         async with server:
@@ -514,7 +513,7 @@ def cmd_render(args):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="openclb-healthd", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="openclb-healthd", description=__doc__.split("\n\n", maxsplit=1)[0])
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="probe backends and keep nginx upstreams current")
     run.add_argument("--config", required=True)

@@ -1,4 +1,3 @@
-#!/usr/bin/python3
 # Copyright: openclb developers
 # Apache-2.0
 """Hold the VIPs of L7 listeners on the loopback (IPVS direct routing).

@@ -1,4 +1,3 @@
-#!/usr/bin/python3
 """Test backend for the L7 host tests (stdlib only).
 
     backend.py NAME ADDRESS PORT STATEDIR
@@ -81,7 +80,7 @@ class Handler(BaseHTTPRequestHandler):
             "backend": NAME,
             "method": self.command,
             "path": self.path,
-            "headers": {k: v for k, v in self.headers.items()},
+            "headers": dict(self.headers.items()),
         }
         return self._reply(200, json.dumps(body), extra=extra)
 

@@ -122,7 +122,7 @@ class L7Lab:
 
     def wait_backends(self):
         for addr in model_fixture.BACKENDS.values():
-            for _ in range(50):
+            for _attempt in range(50):
                 if (
                     sh(
                         "curl", "-s", "-o", "/dev/null", f"http://{addr}:8080/health", ns=self.lb, check=False
@@ -214,7 +214,7 @@ class L7Lab:
             stderr=open(self.tmp + "/log/nginx.out", "w"),
             start_new_session=True,
         )
-        for _ in range(50):
+        for _attempt in range(50):
             if os.path.exists(self.tmp + "/nginx.pid") and os.path.getsize(self.tmp + "/nginx.pid"):
                 time.sleep(0.2)  # workers
                 return
@@ -238,7 +238,7 @@ class L7Lab:
             stderr=open(self.tmp + "/log/healthd.log", "w"),
             start_new_session=True,
         )
-        for _ in range(50):
+        for _attempt in range(50):
             if self.healthd_status() is not None:
                 return
             time.sleep(0.1)

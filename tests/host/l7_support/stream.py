@@ -1,4 +1,3 @@
-#!/usr/bin/python3
 """Bounded request stream for the L7 host tests and the benchmark (stdlib).
 
     stream.py URL [--host H] [--count N] [--seconds S] [--workers W] [--keepalive]
@@ -83,7 +82,7 @@ def main():
                 conn = None
 
     start = time.monotonic()
-    threads = [threading.Thread(target=worker) for _ in range(a.workers)]
+    threads = [threading.Thread(target=worker) for _worker in range(a.workers)]
     for t in threads:
         t.start()
     for t in threads:

@@ -131,7 +131,7 @@ def test_http_probe_status_classes(healthd, line, ok):
             result = await healthd.run_probe(probe)
             return result, srv.requests
 
-    (passed, error, _), requests = run(go())
+    (passed, error, _took), requests = run(go())
     assert passed is ok, error
     assert requests[0].startswith(b"GET /h HTTP/1.1\r\nHost: 127.0.0.1\r\n")
 
@@ -144,7 +144,7 @@ def test_http_probe_host_header_and_timeout(healthd):
             c["http"]["method"] = "HEAD"
             return await healthd.run_probe({"address": "127.0.0.1", "port": srv.port, "check": c}), srv
 
-    (passed, error, _), srv = run(go())
+    (passed, error, _took), srv = run(go())
     assert not passed and "timeout" in error
     assert srv.requests[0].startswith(b"HEAD /h HTTP/1.1\r\nHost: health.example.com\r\n")
 
