@@ -39,35 +39,16 @@ def run_in_lab(args):
     with tarfile.open(fileobj=buf, mode="w") as tar:
         tar.add(__file__, arcname="ipvs_apply.py")
         tar.add(HERE.parent / "plugins/module_utils/ipvs.py", arcname="ipvs_mu.py")
-        tar.add(
-            Path(pyroute2.__file__).parent,
-            arcname="vendor/pyroute2",
-            filter=lambda ti: None if "__pycache__" in ti.name else ti,
-        )
+        tar.add(Path(pyroute2.__file__).parent, arcname="vendor/pyroute2",
+                filter=lambda ti: None if "__pycache__" in ti.name else ti)
     d = "/tmp/openclb-ipvs-bench"
-    subprocess.run(
-        [lab, "exec", args.lab, "--", "sh", "-c", f"rm -rf {d}; mkdir -p {d}; tar -xf - -C {d}"],
-        input=buf.getvalue(),
-        check=True,
-    )
+    subprocess.run([lab, "exec", args.lab, "--", "sh", "-c", f"rm -rf {d}; mkdir -p {d}; tar -xf - -C {d}"],
+                   input=buf.getvalue(), check=True)
     argv = list(sys.argv[1:])
     i = argv.index("--lab")
-    del argv[i : i + 2]
-    return subprocess.call(
-        [
-            lab,
-            "exec",
-            args.lab,
-            "--",
-            "env",
-            f"PYTHONPATH={d}:{d}/vendor",
-            "python3",
-            f"{d}/ipvs_apply.py",
-            "--module-utils",
-            d,
-            *argv,
-        ]
-    )
+    del argv[i:i + 2]
+    return subprocess.call([lab, "exec", args.lab, "--", "env", f"PYTHONPATH={d}:{d}/vendor",
+                            "python3", f"{d}/ipvs_apply.py", "--module-utils", d, *argv])
 
 
 def ip(prefix, i):
@@ -77,26 +58,19 @@ def ip(prefix, i):
 def build(n_services, n_dests):
     services = []
     for s in range(n_services):
-        services.append(
-            {
-                "address": ip("10.200", s),
-                "port": 80,
-                "scheduler": "wlc",
-                "real_servers": [
-                    {"address": ip("10.201", s * n_dests + d), "port": 8080, "weight": 1} for d in range(n_dests)
-                ],
-            }
-        )
+        services.append({
+            "address": ip("10.200", s), "port": 80, "scheduler": "wlc",
+            "real_servers": [{"address": ip("10.201", s * n_dests + d), "port": 8080, "weight": 1}
+                             for d in range(n_dests)],
+        })
     return services
 
 
 def ipvsadm_lines(services, only_weights=None):
     """ipvsadm argument lines; only_weights = [(svc, rs)] gives -e lines for those."""
     if only_weights is not None:
-        return [
-            f"-e -t {s['address']}:{s['port']} -r {r['address']}:{r['port']} -m -w {r['weight']}"
-            for s, r in only_weights
-        ]
+        return [f"-e -t {s['address']}:{s['port']} -r {r['address']}:{r['port']} -m -w {r['weight']}"
+                for s, r in only_weights]
     out = []
     for s in services:
         out.append(f"-A -t {s['address']}:{s['port']} -s {s['scheduler']}")
@@ -106,7 +80,8 @@ def ipvsadm_lines(services, only_weights=None):
 
 
 def sh(cmd, stdin=None):
-    subprocess.run(cmd, shell=isinstance(cmd, str), input=stdin, text=True, check=True, stdout=subprocess.DEVNULL)
+    subprocess.run(cmd, shell=isinstance(cmd, str), input=stdin, text=True, check=True,
+                   stdout=subprocess.DEVNULL)
 
 
 def timed(fn):
@@ -121,12 +96,8 @@ def main():
     p.add_argument("--dests", type=int, default=10)
     p.add_argument("--lab", help="run inside this lab guest (openclb-lab exec)")
     p.add_argument("--module-utils", help="directory holding ipvs_mu.py (set by --lab)")
-    p.add_argument(
-        "--per-call-limit",
-        type=int,
-        default=0,
-        help="time only the first N per-call ipvsadm invocations and extrapolate (0 = all)",
-    )
+    p.add_argument("--per-call-limit", type=int, default=0,
+                   help="time only the first N per-call ipvsadm invocations and extrapolate (0 = all)")
     args = p.parse_args()
     if args.lab:
         return run_in_lab(args)
@@ -188,34 +159,23 @@ def main():
     assert len(table) == args.services and sum(len(s["real_servers"]) for s in table) == args.services * args.dests
     assert sum(1 for s in table for r in s["real_servers"] if r["weight"] == 9) == len(changed)
     sh("ipvsadm -C")
-    py = timed(
-        lambda: subprocess.run(
-            [sys.executable, "-c", "import pyroute2; from pyroute2 import IPVS"], check=True, env=dict(os.environ)
-        )
-    )
+    py = timed(lambda: subprocess.run([sys.executable, "-c", "import pyroute2; from pyroute2 import IPVS"],
+                                      check=True, env=dict(os.environ)))
 
-    print(
-        f"IPVS apply benchmark: {args.services} services x {args.dests} real servers = {n_changes} entries; "
-        f"1% change = {len(changed)} weights; kernel {os.uname().release}"
-    )
+    print(f"IPVS apply benchmark: {args.services} services x {args.dests} real servers = {n_changes} entries; "
+          f"1% change = {len(changed)} weights; kernel {os.uname().release}")
     if args.per_call_limit:
         print(f"(per-call timings extrapolated from the first {args.per_call_limit} ipvsadm runs per scenario)")
-    print(
-        f"{'scenario':<24}{'netlink (s)':>12}{'per-call (s)':>14}{'restore (s)':>13}"
-        f"{'per-call/netlink':>18}{'restore/netlink':>17}"
-    )
+    print(f"{'scenario':<24}{'netlink (s)':>12}{'per-call (s)':>14}{'restore (s)':>13}"
+          f"{'per-call/netlink':>18}{'restore/netlink':>17}")
     labels = {"load": "initial load", "noop": "no-change re-apply", "weights": "1% weight change"}
     for key in ("load", "noop", "weights"):
         n, c, r = res[key, "netlink"], res[key, "per-call"], res[key, "restore"]
         print(f"{labels[key]:<24}{n:>12.3f}{c:>14.3f}{r:>13.3f}{c / n:>17.1f}x{r / n:>16.1f}x")
-    print(
-        "notes: netlink = one process, in-process time; an Ansible module run adds interpreter start-up "
-        f"(python + pyroute2 import here: {py:.2f} s) and the Ansible round trip."
-    )
-    print(
-        "       no-change per-call = `ipvsadm -Sn` only (ipvsadm cannot diff); restore re-apply/1% = "
-        "flush + full reload (drops every connection entry's destination)."
-    )
+    print("notes: netlink = one process, in-process time; an Ansible module run adds interpreter start-up "
+          f"(python + pyroute2 import here: {py:.2f} s) and the Ansible round trip.")
+    print("       no-change per-call = `ipvsadm -Sn` only (ipvsadm cannot diff); restore re-apply/1% = "
+          "flush + full reload (drops every connection entry's destination).")
     print(json.dumps({f"{a}/{b}": round(v, 4) for (a, b), v in res.items()}))
     return 0
 
