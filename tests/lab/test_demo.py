@@ -17,9 +17,8 @@ def test_traffic_reaches_every_listener(tmp_path):
     if not any(r["state"] == "running" for r in json.loads(status.stdout or "[]")):
         pytest.skip(f"lab {os.environ.get('OPENCLB_LAB_NAME', 'openclb')} is not up")
     out = tmp_path / "demo.json"
-    res = subprocess.run(
-        [LAB, "traffic", "--count", "30", "--json", str(out)], capture_output=True, text=True, timeout=900, check=False
-    )
+    res = subprocess.run([LAB, "traffic", "--count", "30", "--json", str(out)], capture_output=True, text=True,
+                         timeout=900, check=False)
     report = json.loads(out.read_text())
     assert report["guests_reachable"] == report["guests"], report["unreachable"]
     assert report["listeners"], "the lab model has listeners: the table must show them"

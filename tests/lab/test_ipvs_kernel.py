@@ -36,7 +36,7 @@ GUEST_DIR = "/tmp/openclb-ipvs-test"
 VENV_PY = "/opt/openclb/venv/bin/python"
 ALL_SCHEDULERS = ("rr", "wrr", "lc", "wlc", "sh", "dh", "mh", "sed", "nq", "fo", "ovf", "lblc", "lblcr", "twos")
 
-DRIVER = r"""
+DRIVER = r'''
 import json, sys
 sys.path.insert(0, sys.argv[1])
 import ipvs_mu as m
@@ -74,7 +74,7 @@ def main():
     json.dump(out, sys.stdout)
 
 main()
-"""
+'''
 
 
 def lab_cli():
@@ -85,9 +85,8 @@ def lab_cli():
 
 
 def lab_exec(cmd, stdin=None, check=True, timeout=120):
-    p = subprocess.run(
-        [lab_cli(), "exec", HOST, "--", *cmd], input=stdin, capture_output=True, timeout=timeout, check=False
-    )
+    p = subprocess.run([lab_cli(), "exec", HOST, "--", *cmd], input=stdin, capture_output=True,
+                       timeout=timeout, check=False)
     if check and p.returncode != 0:
         raise AssertionError(f"{cmd} on {HOST} failed ({p.returncode}): {p.stderr.decode(errors='replace')}")
     return p
@@ -104,18 +103,14 @@ def guest():
     if cli is None:
         pytest.skip("openclb-lab CLI not installed (make venv on a checkout with lab/)")
     try:
-        status = json.loads(
-            subprocess.run([cli, "status", "--json"], capture_output=True, text=True, timeout=60, check=False).stdout
-            or "[]"
-        )
+        status = json.loads(subprocess.run([cli, "status", "--json"], capture_output=True, text=True,
+                                           timeout=60, check=False).stdout or "[]")
     except (subprocess.SubprocessError, ValueError) as exc:
         pytest.skip(f"openclb-lab status failed: {exc}")
     row = next((r for r in status if r.get("host") == HOST), None)
     if row is None or row.get("state") != "running":
-        pytest.skip(
-            f"lab guest {HOST} is not running (openclb-lab up {HOST}; "
-            f"lab {os.environ.get('OPENCLB_LAB_NAME', 'openclb')})"
-        )
+        pytest.skip(f"lab guest {HOST} is not running (openclb-lab up {HOST}; "
+                    f"lab {os.environ.get('OPENCLB_LAB_NAME', 'openclb')})")
 
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w") as tar:
@@ -126,14 +121,10 @@ def guest():
         tar.addfile(info, io.BytesIO(data))
         import pyroute2  # this checkout's pinned version, for guests without the LVS venv
 
-        tar.add(
-            Path(pyroute2.__file__).parent,
-            arcname="vendor/pyroute2",
-            filter=lambda ti: None if "__pycache__" in ti.name else ti,
-        )
-    lab_exec(
-        ["sh", "-c", f"rm -rf {GUEST_DIR} && mkdir -p {GUEST_DIR} && tar -xf - -C {GUEST_DIR}"], stdin=buf.getvalue()
-    )
+        tar.add(Path(pyroute2.__file__).parent, arcname="vendor/pyroute2",
+                filter=lambda ti: None if "__pycache__" in ti.name else ti)
+    lab_exec(["sh", "-c", f"rm -rf {GUEST_DIR} && mkdir -p {GUEST_DIR} && tar -xf - -C {GUEST_DIR}"],
+             stdin=buf.getvalue())
     probe = "import pyroute2, sys; from pyroute2 import IPVS; print(pyroute2.__version__)"
     venv = lab_exec([VENV_PY, "-c", probe], check=False)
     if venv.returncode == 0:
@@ -145,19 +136,15 @@ def guest():
 
 def drive(guest, request):
     # The driver puts its own dir on sys.path; PYTHONPATH adds the vendored pyroute2 if used.
-    p = lab_exec(
-        ["env", f"PYTHONPATH={guest['path']}", guest["python"], f"{GUEST_DIR}/driver.py", GUEST_DIR],
-        stdin=json.dumps(request).encode(),
-    )
+    p = lab_exec(["env", f"PYTHONPATH={guest['path']}", guest["python"], f"{GUEST_DIR}/driver.py", GUEST_DIR],
+                 stdin=json.dumps(request).encode())
     return json.loads(p.stdout)
 
 
 @pytest.fixture
 def clean(guest):
-    sh(
-        "modprobe ip_vs; ipvsadm -C; ipvsadm --stop-daemon master 2>/dev/null; "
-        "ipvsadm --stop-daemon backup 2>/dev/null; true"
-    )
+    sh("modprobe ip_vs; ipvsadm -C; ipvsadm --stop-daemon master 2>/dev/null; "
+       "ipvsadm --stop-daemon backup 2>/dev/null; true")
     yield guest
     sh("ipvsadm -C; ipvsadm --stop-daemon master 2>/dev/null; ipvsadm --stop-daemon backup 2>/dev/null; true")
 
@@ -190,30 +177,17 @@ def available_schedulers():
     return [s for s in ALL_SCHEDULERS if s in have]
 
 
-WEB = {
-    "address": "203.0.113.10",
-    "port": 80,
-    "scheduler": "wrr",
-    "real_servers": [
-        {"address": "10.99.0.41", "port": 8080, "weight": 1},
-        {"address": "10.99.0.42", "port": 8080, "weight": 3},
-    ],
-}
+WEB = {"address": "203.0.113.10", "port": 80, "scheduler": "wrr",
+       "real_servers": [{"address": "10.99.0.41", "port": 8080, "weight": 1},
+                        {"address": "10.99.0.42", "port": 8080, "weight": 3}]}
 
 
 # --------------------------------------------------------------------------
 def test_every_scheduler_the_kernel_has(clean):
     scheds = available_schedulers()
     assert {"rr", "wrr", "wlc", "sh", "mh"} <= set(scheds), scheds
-    services = [
-        {
-            "address": "203.0.113.10",
-            "port": 1000 + i,
-            "scheduler": s,
-            "real_servers": [{"address": "10.99.0.41", "port": 8080}],
-        }
-        for i, s in enumerate(scheds)
-    ]
+    services = [{"address": "203.0.113.10", "port": 1000 + i, "scheduler": s,
+                 "real_servers": [{"address": "10.99.0.41", "port": 8080}]} for i, s in enumerate(scheds)]
     r = drive(clean, {"op": "services", "services": services})
     assert "error" not in r, r
     table = ipvsadm_table()
@@ -226,21 +200,10 @@ def test_every_scheduler_the_kernel_has(clean):
 def test_nat_dr_tun_weights_thresholds_and_idempotence(clean):
     services = [
         dict(WEB),
-        {
-            "address": "203.0.113.10",
-            "port": 443,
-            "scheduler": "wlc",
-            "real_servers": [
-                {
-                    "address": "10.99.0.41",
-                    "forwarding": "dr",
-                    "weight": 5,
-                    "upper_threshold": 100,
-                    "lower_threshold": 50,
-                },
-                {"address": "10.99.0.43", "forwarding": "tun", "weight": 0},
-            ],
-        },
+        {"address": "203.0.113.10", "port": 443, "scheduler": "wlc",
+         "real_servers": [{"address": "10.99.0.41", "forwarding": "dr", "weight": 5,
+                           "upper_threshold": 100, "lower_threshold": 50},
+                          {"address": "10.99.0.43", "forwarding": "tun", "weight": 0}]},
     ]
     r = drive(clean, {"op": "services", "services": services})
     assert r["changed"] and len(r["actions"]) == 6
@@ -275,30 +238,16 @@ def test_weight_set_keeps_existing_connections(clean):
     sh(f"ip addr add {vip}/32 dev front")
     try:
         drive(clean, {"op": "services", "services": [dict(WEB, real_servers=WEB["real_servers"][:1])]})
-        subprocess.run(
-            [
-                lab_cli(),
-                "exec",
-                "client1",
-                "--",
-                sys.executable,
-                "-c",
-                f"import socket; s = socket.socket(); s.settimeout(1); s.connect_ex(('{vip}', 80))",
-            ],
-            capture_output=True,
-            timeout=60,
-            check=False,
-        )
+        subprocess.run([lab_cli(), "exec", "client1", "--", sys.executable, "-c",
+                        f"import socket; s = socket.socket(); s.settimeout(1); s.connect_ex(('{vip}', 80))"],
+                       capture_output=True, timeout=60, check=False)
         conns = sh("ipvsadm -Lnc")
         if f"{vip}:80" not in conns:
-            pytest.skip(
-                f"no connection entry was created from client1 (lab clients missing, or another guest "
-                f"also holds {vip}?): {conns}"
-            )
+            pytest.skip(f"no connection entry was created from client1 (lab clients missing, or another guest "
+                        f"also holds {vip}?): {conns}")
         before = ipvsadm_table()["TCP 203.0.113.10:80 wrr"]
-        r = drive(
-            clean, {"op": "services", "services": [dict(WEB, real_servers=[dict(WEB["real_servers"][0], weight=9)])]}
-        )
+        r = drive(clean, {"op": "services", "services": [
+            dict(WEB, real_servers=[dict(WEB["real_servers"][0], weight=9)])]})
         assert r["actions"] == ["set real server tcp 203.0.113.10:80 -> 10.99.0.41:8080 (weight 1 -> 9)"]
         line = [x for x in sh("ipvsadm -Ln").splitlines() if "10.99.0.41:8080" in x][0].split()
         assert line[2:4] == ["Masq", "9"] and int(line[4]) + int(line[5]) >= 1, (before, line)
@@ -308,23 +257,11 @@ def test_weight_set_keeps_existing_connections(clean):
 
 
 def test_persistence_flags_and_removal(clean):
-    svc = {
-        "address": "203.0.113.10",
-        "port": 80,
-        "scheduler": "sh",
-        "flags": ["sh-fallback", "sh-port"],
-        "persistence": 300,
-        "persistence_netmask": "255.255.255.0",
-        "real_servers": [{"address": "10.99.0.41", "forwarding": "dr", "weight": 3}],
-    }
-    udp = {
-        "protocol": "udp",
-        "address": "203.0.113.10",
-        "port": 53,
-        "scheduler": "rr",
-        "flags": ["one-packet"],
-        "real_servers": [{"address": "10.99.0.41", "port": 5353}],
-    }
+    svc = {"address": "203.0.113.10", "port": 80, "scheduler": "sh", "flags": ["sh-fallback", "sh-port"],
+           "persistence": 300, "persistence_netmask": "255.255.255.0",
+           "real_servers": [{"address": "10.99.0.41", "forwarding": "dr", "weight": 3}]}
+    udp = {"protocol": "udp", "address": "203.0.113.10", "port": 53, "scheduler": "rr", "flags": ["one-packet"],
+           "real_servers": [{"address": "10.99.0.41", "port": 5353}]}
     r = drive(clean, {"op": "services", "services": [svc, udp]})
     assert "error" not in r, r
     table = ipvsadm_table()
@@ -334,9 +271,8 @@ def test_persistence_flags_and_removal(clean):
 
     svc2 = dict(svc, persistence=0, flags=["sh-port"])
     r = drive(clean, {"op": "services", "services": [svc2]})
-    assert r["actions"] == [
-        "set service tcp 203.0.113.10:80 (flags ['sh-fallback', 'sh-port'] -> ['sh-port'], persistence 300 -> 0)"
-    ]
+    assert r["actions"] == ["set service tcp 203.0.113.10:80 (flags ['sh-fallback', 'sh-port'] -> ['sh-port'], "
+                            "persistence 300 -> 0)"]
     assert "TCP 203.0.113.10:80 sh (sh-port)" in ipvsadm_table()
     assert drive(clean, {"op": "services", "services": [svc2]})["changed"] is False
 
@@ -350,37 +286,19 @@ def test_persistence_flags_and_removal(clean):
 
 
 def test_ipv6_and_fwmark(clean):
-    v6 = {
-        "address": "2001:db8::10",
-        "port": 443,
-        "scheduler": "mh",
-        "flags": ["mh-port"],
-        "persistence": 60,
-        "persistence_netmask": 64,
-        "real_servers": [
-            {"address": "2001:db8:1::41", "forwarding": "dr"},
-            {"address": "2001:db8:1::42", "port": 8443},
-        ],
-    }
-    fwm = {
-        "fwmark": 7,
-        "family": "ipv6",
-        "scheduler": "rr",
-        "real_servers": [{"address": "2001:db8:1::41", "forwarding": "tun"}],
-    }
-    fwm4 = {
-        "fwmark": 7,
-        "scheduler": "lc",
-        "persistence": 30,
-        "real_servers": [{"address": "10.99.0.41", "forwarding": "dr", "weight": 2}],
-    }
+    v6 = {"address": "2001:db8::10", "port": 443, "scheduler": "mh", "flags": ["mh-port"], "persistence": 60,
+          "persistence_netmask": 64,
+          "real_servers": [{"address": "2001:db8:1::41", "forwarding": "dr"},
+                           {"address": "2001:db8:1::42", "port": 8443}]}
+    fwm = {"fwmark": 7, "family": "ipv6", "scheduler": "rr",
+           "real_servers": [{"address": "2001:db8:1::41", "forwarding": "tun"}]}
+    fwm4 = {"fwmark": 7, "scheduler": "lc", "persistence": 30,
+            "real_servers": [{"address": "10.99.0.41", "forwarding": "dr", "weight": 2}]}
     r = drive(clean, {"op": "services", "services": [v6, fwm, fwm4]})
     assert "error" not in r, r
     table = ipvsadm_table()
     assert table["TCP [2001:db8::10]:443 mh (mh-port) persistent 60 mask 64"] == [
-        "[2001:db8:1::41]:443 Route 1",
-        "[2001:db8:1::42]:8443 Masq 1",
-    ]
+        "[2001:db8:1::41]:443 Route 1", "[2001:db8:1::42]:8443 Masq 1"]
     assert table["FWM 7 IPv6 rr"] == ["[2001:db8:1::41]:0 Tunnel 1"]
     assert table["FWM 7 lc persistent 30"] == ["10.99.0.41:0 Route 2"]
     proc = sh("cat /proc/net/ip_vs")
@@ -416,7 +334,8 @@ def test_stats_and_connection_counts_read(clean):
 
 
 def test_sync_daemons_start_change_stop(clean):
-    both = {"master": {"interface": "internal", "syncid": 3}, "backup": {"interface": "internal", "syncid": 3}}
+    both = {"master": {"interface": "internal", "syncid": 3},
+            "backup": {"interface": "internal", "syncid": 3}}
     r = drive(clean, {"op": "daemons", "daemons": both})
     assert r["actions"] == [["start", "master"], ["start", "backup"]], r
     out = sh("ipvsadm -Ln --daemon")
@@ -424,16 +343,8 @@ def test_sync_daemons_start_change_stop(clean):
     assert "backup sync daemon (mcast=internal, syncid=3" in out
     assert drive(clean, {"op": "daemons", "daemons": both})["changed"] is False
 
-    changed = {
-        "master": {
-            "interface": "internal",
-            "syncid": 3,
-            "mcast_group": "224.0.0.82",
-            "port": 8850,
-            "ttl": 2,
-            "maxlen": 1200,
-        }
-    }
+    changed = {"master": {"interface": "internal", "syncid": 3, "mcast_group": "224.0.0.82", "port": 8850,
+                          "ttl": 2, "maxlen": 1200}}
     r = drive(clean, {"op": "daemons", "daemons": changed})
     assert r["actions"] == [["stop", "master"], ["start", "master"]]
     out = sh("ipvsadm -Ln --daemon")
@@ -451,11 +362,9 @@ def test_sync_daemons_start_change_stop(clean):
 
 
 def test_missing_ip_vs_is_loaded(guest):
-    sh(
-        "ipvsadm -C; ipvsadm --stop-daemon master 2>/dev/null; ipvsadm --stop-daemon backup 2>/dev/null; "
-        "for m in $(lsmod | awk '/^ip_vs/ {print $1}' | sort -r); do rmmod $m 2>/dev/null; done; "
-        "rmmod ip_vs 2>/dev/null; true"
-    )
+    sh("ipvsadm -C; ipvsadm --stop-daemon master 2>/dev/null; ipvsadm --stop-daemon backup 2>/dev/null; "
+       "for m in $(lsmod | awk '/^ip_vs/ {print $1}' | sort -r); do rmmod $m 2>/dev/null; done; "
+       "rmmod ip_vs 2>/dev/null; true")
     if "ip_vs " in sh("lsmod"):
         pytest.skip("ip_vs could not be unloaded in the guest (in use)")
     r = drive(guest, {"op": "services", "services": [WEB]})
@@ -528,27 +437,11 @@ def test_modules_through_ansible(clean, tmp_path):
     (coll / "lb").symlink_to(REPO)
     (tmp_path / "play.yml").write_text(PLAYBOOK)
     report = tmp_path / "report.json"
-    env = dict(
-        os.environ, ANSIBLE_COLLECTIONS_PATH=str(tmp_path / "collections"), ANSIBLE_CONFIG=str(REPO / "ansible.cfg")
-    )
+    env = dict(os.environ, ANSIBLE_COLLECTIONS_PATH=str(tmp_path / "collections"),
+               ANSIBLE_CONFIG=str(REPO / "ansible.cfg"))
     extra = {"target": HOST, "python": clean["python"], "pythonpath": clean["path"], "report": str(report)}
-    p = subprocess.run(
-        [
-            str(playbook),
-            "-i",
-            str(REPO / "inventories/lab"),
-            "-l",
-            HOST,
-            str(tmp_path / "play.yml"),
-            "-e",
-            json.dumps(extra),
-        ],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=600,
-        check=False,
-    )
+    p = subprocess.run([str(playbook), "-i", str(REPO / "inventories/lab"), "-l", HOST, str(tmp_path / "play.yml"),
+                        "-e", json.dumps(extra)], capture_output=True, text=True, env=env, timeout=600, check=False)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-2000:]
     r = json.loads(report.read_text())
     assert r["check"]["changed"] and r["add"]["changed"] and len(r["add"]["actions"]) == 3

@@ -31,21 +31,10 @@ def lab():
 
 
 def converge(*extra: str) -> tuple[str, dict[str, int]]:
-    env = dict(
-        os.environ,
-        ANSIBLE_CONFIG=str(REPO / "ansible.cfg"),
-        ANSIBLE_FORCE_COLOR="0",
-        PATH=f"{BIN}:{os.environ['PATH']}",
-    )
-    res = subprocess.run(
-        [str(BIN / "ansible-playbook"), "-i", "inventories/lab", "site.yml", *extra],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        env=env,
-        timeout=1800,
-        check=False,
-    )
+    env = dict(os.environ, ANSIBLE_CONFIG=str(REPO / "ansible.cfg"), ANSIBLE_FORCE_COLOR="0",
+               PATH=f"{BIN}:{os.environ['PATH']}")
+    res = subprocess.run([str(BIN / "ansible-playbook"), "-i", "inventories/lab", "site.yml", *extra],
+                         capture_output=True, text=True, cwd=REPO, env=env, timeout=1800, check=False)
     assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-2000:]
     changed = {m.group(1): int(m.group(2)) for m in re.finditer(r"^(\S+)\s+: ok=\d+\s+changed=(\d+)", res.stdout, re.M)}
     assert changed, "no PLAY RECAP in the output"
