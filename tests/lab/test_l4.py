@@ -24,7 +24,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import REPO, require_hosts
 
 pytestmark = pytest.mark.lab
