@@ -270,6 +270,11 @@ class Chain:
         self.stop(ks + "-stunnel")
         self.stop(ks + "-p11kit")
 
+    def active_keyservers(self):
+        """Key servers the l7 node's tunnel currently has connections to."""
+        out = self.nsexec("l7", "ss", "-Htn", "state", "established", "dport", "= :%d" % PORT).stdout
+        return sorted({ks for ks in ("ks1", "ks2") if self.addr(ks, "peer") + ":" in out})
+
     def blackhole(self, ks, on=True):
         self.nsexec(ks, "iptables", "-I" if on else "-D", "INPUT", "-j", "DROP")
 
