@@ -12,7 +12,7 @@ import tempfile
 import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import kschain  # noqa: E402
+import kschain
 
 
 @pytest.fixture(scope="module")

@@ -55,18 +55,18 @@ def missing_prerequisites():
         reasons.append("needs root (network namespaces)")
     for tool, pkg in REQUIRED.items():
         if not shutil.which(tool) and not os.path.exists("/usr/sbin/" + tool):
-            reasons.append("%s missing (apt-get install %s)" % (tool, pkg))
+            reasons.append(f"{tool} missing (apt-get install {pkg})")
     for path, pkg in REQUIRED_FILES.items():
         if not os.path.exists(path):
-            reasons.append("%s missing (apt-get install %s)" % (path, pkg))
+            reasons.append(f"{path} missing (apt-get install {pkg})")
     return reasons
 
 
 def sh(*argv, check=True, **kw):
     proc = subprocess.run([str(a) for a in argv], check=False, capture_output=True, text=True, **kw)
     if check and proc.returncode:
-        raise RuntimeError("%s: rc=%d %s" % (" ".join(str(a) for a in argv), proc.returncode,
-                                            (proc.stderr or proc.stdout).strip()[-2000:]))
+        cmd = " ".join(str(a) for a in argv)
+        raise RuntimeError(f"{cmd}: rc={proc.returncode} {(proc.stderr or proc.stdout).strip()[-2000:]}")
     return proc
 
 
@@ -99,21 +99,20 @@ class Pki:
     def ca(self, name):
         sh("openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
            "-keyout", self.path(name + ".key"), "-out", self.path(name + ".crt"), "-days", "2",
-           "-subj", "/CN=%s" % name, "-addext", "basicConstraints=critical,CA:TRUE",
+           "-subj", f"/CN={name}", "-addext", "basicConstraints=critical,CA:TRUE",
            "-addext", "keyUsage=critical,keyCertSign,cRLSign")
         with open(self.path(name + ".index"), "w"):
             pass
         with open(self.path(name + ".cnf"), "w") as f:
-            f.write("[ca]\ndefault_ca=c\n[c]\ndatabase=%s\ndefault_md=sha256\ndefault_crl_days=2\n"
-                    % self.path(name + ".index"))
+            f.write("[ca]\ndefault_ca=c\n[c]\ndatabase={}\ndefault_md=sha256\ndefault_crl_days=2\n".format(self.path(name + ".index")))
 
     def node(self, ca, name, usage):
         ext = self.path(name + ".ext")
         with open(ext, "w") as f:
             f.write("basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature\n"
-                    "extendedKeyUsage=%s\nsubjectAltName=DNS:%s\n" % (usage, name))
+                    f"extendedKeyUsage={usage}\nsubjectAltName=DNS:{name}\n")
         sh("openssl", "req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
-           "-keyout", self.path(name + ".key"), "-out", self.path(name + ".csr"), "-subj", "/CN=%s" % name)
+           "-keyout", self.path(name + ".key"), "-out", self.path(name + ".csr"), "-subj", f"/CN={name}")
         sh("openssl", "x509", "-req", "-in", self.path(name + ".csr"), "-CA", self.path(ca + ".crt"),
            "-CAkey", self.path(ca + ".key"), "-CAcreateserial", "-days", "2", "-extfile", ext,
            "-out", self.path(name + ".crt"))
@@ -129,13 +128,13 @@ class Pki:
         opts = ["rsa", "-pkeyopt", "rsa_keygen_bits:2048"] if algorithm == "rsa" else \
             ["ec", "-pkeyopt", "ec_paramgen_curve:P-256"]
         sh("openssl", "req", "-x509", "-newkey", *opts, "-nodes", "-keyout", self.path(name + ".key"),
-           "-out", self.path(name + ".crt"), "-days", "2", "-subj", "/CN=%s.example.test" % name)
+           "-out", self.path(name + ".crt"), "-days", "2", "-subj", f"/CN={name}.example.test")
 
 
 class Chain:
     def __init__(self, workdir, prefix=None, workers=2):
         self.dir = workdir
-        self.prefix = prefix or "oks%d" % (os.getpid() % 100000)
+        self.prefix = prefix or f"oks{os.getpid() % 100000}"
         self.workers = workers
         self.pki = Pki(os.path.join(workdir, "pki"))
         self.procs = {}
@@ -143,13 +142,13 @@ class Chain:
 
     # ---------- plumbing
     def ns(self, short):
-        return "%s-%s" % (self.prefix, short)
+        return f"{self.prefix}-{short}"
 
     def nsexec(self, short, *argv, check=True, **kw):
         return sh("ip", "netns", "exec", self.ns(short), *argv, check=check, **kw)
 
     def addr(self, peer, side):
-        return "10.250.%d.%d" % (LINKS[peer], 1 if side == "l7" else 2)
+        return f"10.250.{LINKS[peer]}.{1 if side == 'l7' else 2}"
 
     def spawn(self, key, short, argv, env=None, user=None):
         pre = ["setpriv", "--reuid", user, "--regid", user, "--init-groups"] if user else []
@@ -179,7 +178,7 @@ class Chain:
         raise RuntimeError("timed out waiting for " + what)
 
     def port_open(self, short, host, port):
-        return self.nsexec(short, "timeout", "1", "bash", "-c", "exec 3<>/dev/tcp/%s/%d" % (host, port),
+        return self.nsexec(short, "timeout", "1", "bash", "-c", f"exec 3<>/dev/tcp/{host}/{port}",
                            check=False).returncode == 0
 
     # ---------- build
@@ -202,7 +201,7 @@ class Chain:
             self.ns_created.append(self.ns(short))
             self.nsexec(short, "ip", "link", "set", "lo", "up")
         for peer, n in LINKS.items():
-            a, b = "%s%da" % (self.prefix, n), "%s%db" % (self.prefix, n)
+            a, b = f"{self.prefix}{n}a", f"{self.prefix}{n}b"
             sh("ip", "link", "add", a, "netns", self.ns("l7"), "type", "veth", "peer", "name", b,
                "netns", self.ns(peer))
             self.nsexec("l7", "ip", "addr", "add", self.addr(peer, "l7") + "/30", "dev", a)
@@ -222,7 +221,7 @@ class Chain:
                               capture_output=True, text=True, env=env, check=False)
         out = json.loads(proc.stdout)
         if check and proc.returncode:
-            raise RuntimeError("openclb-keystore %s on %s: %s" % (command, ks, out.get("msg")))
+            raise RuntimeError("openclb-keystore {} on {}: {}".format(command, ks, out.get("msg")))
         return out
 
     def import_key(self, ks, name, pem_path):
@@ -237,12 +236,12 @@ class Chain:
         for src, dst in ((ks + ".crt", "node.crt"), (ks + ".key", "node.key"),
                          ("cluster-ca.crt", "ca.crt"), ("cluster-ca.crl", "crl.pem")):
             shutil.copy(self.pki.path(src), os.path.join(tls, dst))
-        v = dict(keyserver_token_dir=os.path.join(d, "tokens"), keyserver_tunnel_log_level="notice",
-                 keyserver_listen_address=self.addr(ks, "peer"), keyserver_port=PORT,
-                 keyserver_p11kit_socket=os.path.join(d, "p11-kit.sock"), keyserver_tls_dir=tls,
-                 keyserver_keepalive_idle=10, keyserver_keepalive_interval=3, keyserver_keepalive_count=3,
-                 keyserver_firewall_chain="OPENCLB-KEYSERVER",
-                 keyserver_allowed_clients=[self.addr(ks, "l7")])
+        v = {"keyserver_token_dir": os.path.join(d, "tokens"), "keyserver_tunnel_log_level": "notice",
+                 "keyserver_listen_address": self.addr(ks, "peer"), "keyserver_port": PORT,
+                 "keyserver_p11kit_socket": os.path.join(d, "p11-kit.sock"), "keyserver_tls_dir": tls,
+                 "keyserver_keepalive_idle": 10, "keyserver_keepalive_interval": 3, "keyserver_keepalive_count": 3,
+                 "keyserver_firewall_chain": "OPENCLB-KEYSERVER",
+                 "keyserver_allowed_clients": [self.addr(ks, "l7")]}
         for tpl, out in (("softhsm2.conf.j2", "softhsm2.conf"), ("stunnel-keyserver.conf.j2", "stunnel.conf"),
                          ("iptables.rules.j2", "iptables.rules")):
             with open(os.path.join(d, out), "w") as f:
@@ -272,7 +271,7 @@ class Chain:
 
     def active_keyservers(self):
         """Key servers the l7 node's tunnel currently has connections to."""
-        out = self.nsexec("l7", "ss", "-Htn", "state", "established", "dport", "= :%d" % PORT).stdout
+        out = self.nsexec("l7", "ss", "-Htn", "state", "established", "dport", f"= :{PORT}").stdout
         return sorted({ks for ks in ("ks1", "ks2") if self.addr(ks, "peer") + ":" in out})
 
     def blackhole(self, ks, on=True):
@@ -288,12 +287,12 @@ class Chain:
             shutil.copy(self.pki.path(src), os.path.join(tls, dst))
         sh("chown", "-R", "www-data:www-data", os.path.join(d, "run"), tls)
         self.socket = os.path.join(d, "run", "p11-kit.sock")
-        v = dict(keyclient_tunnel_log_level="notice", keyclient_socket=self.socket,
-                 keyclient_servers=[{"name": ks, "address": self.addr(ks, "peer")} for ks in ("ks1", "ks2")],
-                 keyclient_port=PORT, keyclient_failover="prio", keyclient_tls_dir=tls,
-                 keyclient_connect_timeout=1, keyclient_keepalive_idle=10, keyclient_keepalive_interval=3,
-                 keyclient_keepalive_count=3, keyclient_engine_path=ENGINE,
-                 keyclient_p11kit_client_module=P11KIT_CLIENT, keyclient_token_pin=PIN)
+        v = {"keyclient_tunnel_log_level": "notice", "keyclient_socket": self.socket,
+                 "keyclient_servers": [{"name": ks, "address": self.addr(ks, "peer")} for ks in ("ks1", "ks2")],
+                 "keyclient_port": PORT, "keyclient_failover": "prio", "keyclient_tls_dir": tls,
+                 "keyclient_connect_timeout": 1, "keyclient_keepalive_idle": 10, "keyclient_keepalive_interval": 3,
+                 "keyclient_keepalive_count": 3, "keyclient_engine_path": ENGINE,
+                 "keyclient_p11kit_client_module": P11KIT_CLIENT, "keyclient_token_pin": PIN}
         for tpl, out in (("stunnel-keyclient.conf.j2", "stunnel.conf"), ("openssl.cnf.j2", "openssl.cnf")):
             with open(os.path.join(d, out), "w") as f:
                 f.write(render("keyclient", tpl, **v))
@@ -302,10 +301,10 @@ class Chain:
         with open(os.path.join(d, "ticket.key"), "wb") as f:
             f.write(os.urandom(80))
         self.write_nginx_conf()
-        wd = dict(pid_file=os.path.join(d, "nginx.pid"), nginx="/usr/sbin/nginx",
-                  error_log=os.path.join(d, "error.log"), interval=0.25, probe_timeout=1.0,
-                  probe_failures=2, min_restart_interval=1.0, max_backoff=2.0, old_worker_grace=3.0,
-                  probes=[{"host": self.addr("cl", "l7"), "port": LISTENERS[n][0]} for n in ("rsa-ks", "ec-ks")])
+        wd = {"pid_file": os.path.join(d, "nginx.pid"), "nginx": "/usr/sbin/nginx",
+                  "error_log": os.path.join(d, "error.log"), "interval": 0.25, "probe_timeout": 1.0,
+                  "probe_failures": 2, "min_restart_interval": 1.0, "max_backoff": 2.0, "old_worker_grace": 3.0,
+                  "probes": [{"host": self.addr("cl", "l7"), "port": LISTENERS[n][0]} for n in ("rsa-ks", "ec-ks")]}
         with open(os.path.join(d, "watchdog.json"), "w") as f:
             json.dump(wd, f)
 
@@ -316,26 +315,26 @@ class Chain:
         servers = []
         for name, (port, _, store) in LISTENERS.items():
             cert = certs[name]
-            key = ('"engine:pkcs11:pkcs11:token=%s;object=%s;type=private"' % (TOKEN, cert)
+            key = (f'"engine:pkcs11:pkcs11:token={TOKEN};object={cert};type=private"'
                    if store == "keyserver" else self.pki.path(cert + ".key"))
-            servers.append("  server { listen %s:%d ssl; ssl_certificate %s; ssl_certificate_key %s;"
-                           " return 200 \"%s\\n\"; }" % (self.addr("cl", "l7"), port,
-                                                         self.pki.path(cert + ".crt"), key, name))
-        conf = """user www-data;
-worker_processes %d;
-pid %s/nginx.pid;
-error_log %s/error.log;
+            servers.append(f"  server {{ listen {self.addr('cl', 'l7')}:{port} ssl;"
+                           f" ssl_certificate {self.pki.path(cert + '.crt')}; ssl_certificate_key {key};"
+                           f" return 200 \"{name}\\n\"; }}")
+        conf = f"""user www-data;
+worker_processes {self.workers};
+pid {d}/nginx.pid;
+error_log {d}/error.log;
 env OPENSSL_CONF;
 env P11_KIT_SERVER_ADDRESS;
-events { worker_connections 1024; }
-http {
+events {{ worker_connections 1024; }}
+http {{
   access_log off;
   ssl_protocols TLSv1.2 TLSv1.3;
   ssl_session_cache shared:SSL:1m;
-  ssl_session_ticket_key %s/ticket.key;
-%s
-}
-""" % (self.workers, d, d, d, "\n".join(servers))
+  ssl_session_ticket_key {d}/ticket.key;
+{chr(10).join(servers)}
+}}
+"""
         with open(os.path.join(d, "nginx.conf"), "w") as f:
             f.write(conf)
 

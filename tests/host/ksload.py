@@ -60,7 +60,7 @@ def main():
                         err = "bad response"
         except ssl.SSLError as exc:
             err = "tls: " + (exc.reason or str(exc))
-        except socket.timeout:
+        except TimeoutError:
             err = "timeout"
         except OSError as exc:
             err = "os: " + (exc.strerror or str(exc))

@@ -9,9 +9,8 @@ import re
 import subprocess
 import time
 
-import pytest
-
 import kschain
+import pytest
 
 
 def recovery(report, event_at):
@@ -41,9 +40,9 @@ def test_handshake(chain, listener, tls):
 
 def test_served_key_is_the_token_key(chain):
     # The certificate nginx presents matches the key held on the token.
-    out = chain.nsexec("cl", "openssl", "s_client", "-connect", "%s:%d" % (chain.addr("cl", "l7"), 8443),
+    out = chain.nsexec("cl", "openssl", "s_client", "-connect", f"{chain.addr('cl', 'l7')}:8443",
                        input="", timeout=10).stdout
-    pem = re.search(r"-----BEGIN CERTIFICATE-----.*?-----END CERTIFICATE-----", out, re.S).group(0)
+    pem = re.search(r"-----BEGIN CERTIFICATE-----.*?-----END CERTIFICATE-----", out, re.DOTALL).group(0)
     spki = subprocess.run(["openssl", "x509", "-pubkey", "-noout"], input=pem.encode(), capture_output=True,
                           check=True).stdout
     der = subprocess.run(["openssl", "pkey", "-pubin", "-outform", "DER"], input=spki, capture_output=True,
@@ -88,7 +87,7 @@ def tunnel_client_lists_token(chain, cert):
     os.makedirs(d, exist_ok=True)
     sock = os.path.join(d, "p11.sock")
     lines = ["foreground = yes", "pid =", "[probe]", "client = yes", "accept = " + sock,
-             "connect = %s:%d" % (chain.addr("ks1", "peer"), kschain.PORT), "CAfile = " + chain.pki.path("cluster-ca.crt"),
+             f"connect = {chain.addr('ks1', 'peer')}:{kschain.PORT}", "CAfile = " + chain.pki.path("cluster-ca.crt"),
              "verifyChain = yes", "sslVersionMin = TLSv1.3"]
     if cert:
         lines += ["cert = " + chain.pki.path(cert + ".crt"), "key = " + chain.pki.path(cert + ".key")]
@@ -124,8 +123,8 @@ def test_one_key_server_stopped_under_load(chain):
         chain.stop_keyserver("ks1")  # the preferred one: every connection is on it
         report = json.loads(load.communicate(timeout=60)[0])
         rec = recovery(report, 2.0)
-        print("\n[stop ks1] handshakes ok=%d failed=%d, recovered %.2f s after the stop (watchdog, no manual "
-              "restart)" % (report["ok"], report["failed"], rec))
+        print(f"\n[stop ks1] handshakes ok={report['ok']} failed={report['failed']}, recovered {rec:.2f} s"
+              " after the stop (watchdog, no manual restart)")
         assert rec < 5.0
         tail = [e for e in report["timeline"] if e[0] > 2.0 + rec + 0.1]
         assert tail and all(e[1] for e in tail)
@@ -144,11 +143,11 @@ def test_blackholed_key_server_does_not_freeze_workers(chain):
         chain.blackhole(victim)
         report = json.loads(load.communicate(timeout=60)[0])
         rec = recovery(report, 2.0)
-        print("\n[blackhole %s] handshakes ok=%d failed=%d errors=%s, recovered %.2f s after the blackhole"
-              % (victim, report["ok"], report["failed"], report["errors"], rec))
+        print(f"\n[blackhole {victim}] handshakes ok={report['ok']} failed={report['failed']}"
+              f" errors={report['errors']}, recovered {rec:.2f} s after the blackhole")
         assert rec < 8.0
         stuck = [p for p in chain.nsexec("l7", "ps", "-eo", "pid,cmd").stdout.splitlines() if "shutting down" in p]
-        print("[blackhole] old workers still present after the load: %d" % len(stuck))
+        print(f"[blackhole] old workers still present after the load: {len(stuck)}")
         assert not stuck, "old workers blocked on the dead key server were not killed"
     finally:
         if victim:
@@ -158,6 +157,7 @@ def test_blackholed_key_server_does_not_freeze_workers(chain):
 
 def test_both_key_servers_down(chain):
     try:
+        started = time.monotonic()
         full = chain.load_async("ec-ks", 10, concurrency=2, timeout=3.0)
         resumed = chain.load_async("rsa-ks", 10, concurrency=1, resume=True)
         time.sleep(1.5)
@@ -169,8 +169,9 @@ def test_both_key_servers_down(chain):
         f = json.loads(full.communicate(timeout=60)[0])
         r = json.loads(resumed.communicate(timeout=60)[0])
         failed = [e for e in f["timeline"] if not e[1]]
-        print("\n[both down] full handshakes ok=%d failed=%d errors=%s slowest failure %.3f s; resumed ok=%d "
-              "failed=%d" % (f["ok"], f["failed"], f["errors"], max(e[2] for e in failed), r["ok"], r["failed"]))
+        slowest = max(e[2] for e in failed) if failed else 0.0
+        print(f"\n[both down] full handshakes ok={f['ok']} failed={f['failed']} errors={f['errors']}"
+              f" slowest failure {slowest:.3f} s; resumed ok={r['ok']} failed={r['failed']}")
         # New full handshakes get a TLS alert, promptly: no hang until the client's timeout.
         assert failed and all(e[3].startswith("tls:") for e in failed)
         assert max(e[2] for e in failed) < 1.0
@@ -178,9 +179,10 @@ def test_both_key_servers_down(chain):
         assert r["failed"] == 0 and r["resumed"] >= r["ok"] - 1
         # Recovery once ks2 is back, without a manual restart.
         assert f["timeline"][-1][1], "still failing at the end"
-        print("[both down] last failure ended %.2f s before the load stopped" %
-              (f["elapsed"] - max(e[0] + e[2] for e in failed)))
-        del back
+        since_back = f["elapsed"] - (back - started) - 0.0
+        last_fail = max(e[0] + e[2] for e in failed)
+        print(f"[both down] recovered {max(0.0, last_fail - (back - started)):.2f} s after ks2 came back"
+              f" (load ran {since_back:.1f} s more)")
     finally:
         both_up(chain)
 
@@ -205,7 +207,7 @@ def test_rotation_under_load(chain):
         # www-rsa is still used by the rsa-local listener's file, never by the token again.
         chain.keystore(ks, "remove", {"pin": kschain.PIN, "name": "www-rsa"})
     report = json.loads(load.communicate(timeout=60)[0])
-    print("\n[rotation] handshakes during rotation ok=%d failed=%d" % (report["ok"], report["failed"]))
+    print(f"\n[rotation] handshakes during rotation ok={report['ok']} failed={report['failed']}")
     assert report["failed"] == 0, report["errors"]
     assert chain.handshake("rsa-ks")["ok"] == 1
     names = {o["name"] for o in chain.keystore("ks1", "list", {"pin": kschain.PIN})["objects"]}
