@@ -287,26 +287,32 @@ class Chain:
             shutil.copy(self.pki.path(src), os.path.join(tls, dst))
         sh("chown", "-R", "www-data:www-data", os.path.join(d, "run"), tls)
         self.socket = os.path.join(d, "run", "p11-kit.sock")
-        v = {"keyclient_tunnel_log_level": "notice", "keyclient_socket": self.socket,
-                 "keyclient_servers": [{"name": ks, "address": self.addr(ks, "peer")} for ks in ("ks1", "ks2")],
-                 "keyclient_port": PORT, "keyclient_failover": "prio", "keyclient_tls_dir": tls,
-                 "keyclient_connect_timeout": 1, "keyclient_keepalive_idle": 10, "keyclient_keepalive_interval": 3,
-                 "keyclient_keepalive_count": 3, "keyclient_engine_path": ENGINE,
-                 "keyclient_p11kit_client_module": P11KIT_CLIENT, "keyclient_token_pin": PIN}
-        for tpl, out in (("stunnel-keyclient.conf.j2", "stunnel.conf"), ("openssl.cnf.j2", "openssl.cnf")):
-            with open(os.path.join(d, out), "w") as f:
-                f.write(render("keyclient", tpl, **v))
+        self.render_l7()
         self.env = {"OPENSSL_CONF": os.path.join(d, "openssl.cnf"),
                     "P11_KIT_SERVER_ADDRESS": "unix:path=" + self.socket}
         with open(os.path.join(d, "ticket.key"), "wb") as f:
             f.write(os.urandom(80))
         self.write_nginx_conf()
         wd = {"pid_file": os.path.join(d, "nginx.pid"), "nginx": "/usr/sbin/nginx",
-                  "error_log": os.path.join(d, "error.log"), "interval": 0.25, "probe_timeout": 1.0,
-                  "probe_failures": 2, "min_restart_interval": 1.0, "max_backoff": 2.0, "old_worker_grace": 3.0,
-                  "probes": [{"host": self.addr("cl", "l7"), "port": LISTENERS[n][0]} for n in ("rsa-ks", "ec-ks")]}
+              "error_log": os.path.join(d, "error.log"), "interval": 0.25, "probe_timeout": 1.0,
+              "probe_failures": 2, "min_restart_interval": 1.0, "max_backoff": 2.0, "old_worker_grace": 3.0,
+              "probes": [{"host": self.addr("cl", "l7"), "port": LISTENERS[n][0]} for n in ("rsa-ks", "ec-ks")]}
         with open(os.path.join(d, "watchdog.json"), "w") as f:
             json.dump(wd, f)
+
+    def render_l7(self, drain=()):
+        """The keyclient role's templates: tunnel (minus drained servers) and engine configuration."""
+        d = os.path.join(self.dir, "l7")
+        v = {"keyclient_tunnel_log_level": "notice", "keyclient_socket": self.socket,
+             "keyclient_servers": [{"name": ks, "address": self.addr(ks, "peer")} for ks in ("ks1", "ks2")],
+             "keyclient_drain": list(drain),
+             "keyclient_port": PORT, "keyclient_failover": "prio", "keyclient_tls_dir": os.path.join(d, "tls"),
+             "keyclient_connect_timeout": 1, "keyclient_keepalive_idle": 10, "keyclient_keepalive_interval": 3,
+             "keyclient_keepalive_count": 3, "keyclient_engine_path": ENGINE,
+             "keyclient_p11kit_client_module": P11KIT_CLIENT, "keyclient_token_pin": PIN}
+        for tpl, out in (("stunnel-keyclient.conf.j2", "stunnel.conf"), ("openssl.cnf.j2", "openssl.cnf")):
+            with open(os.path.join(d, out), "w") as f:
+                f.write(render("keyclient", tpl, **v))
 
     def write_nginx_conf(self, certs=None):
         """nginx as roles/l7 renders it for key_store keyserver/local (same key URI and env)."""
@@ -343,6 +349,15 @@ http {{
             os.unlink(self.socket)
         self.spawn("l7-stunnel", "l7", ["stunnel4", os.path.join(self.dir, "l7", "stunnel.conf")], user="www-data")
         self.wait_for("l7 tunnel socket", lambda: os.path.exists(self.socket))
+
+    def reload_tunnel(self):
+        self.procs["l7-stunnel"].send_signal(signal.SIGHUP)
+        time.sleep(0.3)
+
+    def upgrade_nginx(self):
+        """What the keyclient role's handler runs: one binary upgrade, waits for old workers."""
+        return self.nsexec("l7", WATCHDOG, "--config", os.path.join(self.dir, "l7", "watchdog.json"), "--upgrade",
+                           timeout=60)
 
     def nginx(self, *args, check=True):
         d = os.path.join(self.dir, "l7")

@@ -212,3 +212,25 @@ def test_rotation_under_load(chain):
     assert chain.handshake("rsa-ks")["ok"] == 1
     names = {o["name"] for o in chain.keystore("ks1", "list", {"pin": kschain.PIN})["objects"]}
     assert names == {"www-rsa-2", "www-ec"}
+
+
+def test_drained_key_server_stops_without_a_failed_handshake(chain):
+    """Planned maintenance: drain (tunnel reload + binary upgrade), then stop: 0 failures."""
+    both_up(chain)
+    victim = "ks1"  # the preferred one (failover prio): new connections go there
+    try:
+        load = chain.load_async("rsa-ks", 8, concurrency=2)
+        time.sleep(1.0)
+        # What `keyclient_drain: [victim]` makes the keyclient role do.
+        chain.render_l7(drain=[victim])
+        chain.reload_tunnel()
+        chain.upgrade_nginx()
+        chain.wait_for("old master to exit", lambda: chain.active_keyservers() == ["ks2"])
+        chain.stop_keyserver(victim)
+        report = json.loads(load.communicate(timeout=60)[0])
+        print(f"\n[drain {victim}, then stop it] handshakes ok={report['ok']} failed={report['failed']}")
+        assert report["failed"] == 0, report["errors"]
+    finally:
+        chain.render_l7()
+        chain.reload_tunnel()
+        both_up(chain)
