@@ -6,6 +6,7 @@
 Every test skips with the missing package named when the chain cannot be built.
 """
 import os
+import shutil
 import sys
 import tempfile
 
@@ -27,3 +28,4 @@ def chain():
         yield c
     finally:
         c.teardown()
+        shutil.rmtree(c.dir, ignore_errors=True)

@@ -36,6 +36,7 @@ def main():
     events = []  # (t, ok, latency, error, resumed)
     session = [None]
     start = time.monotonic()
+    start_epoch = time.time()
     stop = start + a.duration if a.duration > 0 else float("inf")
     budget = [a.count or float("inf")]
 
@@ -98,6 +99,7 @@ def main():
         return lat[min(len(lat) - 1, int(p * len(lat)))] * 1000 if lat else None
 
     print(json.dumps({
+        "start_epoch": start_epoch,
         "ok": sum(1 for e in events if e[1]), "failed": sum(1 for e in events if not e[1]),
         "resumed": sum(1 for e in events if e[4]), "errors": errors, "elapsed": round(elapsed, 3),
         "rate": round(sum(1 for e in events if e[1]) / elapsed, 1) if elapsed else 0,

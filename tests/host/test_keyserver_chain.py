@@ -13,10 +13,12 @@ import kschain
 import pytest
 
 
-def recovery(report, event_at):
-    """Seconds from event_at until the last failed handshake ended (0: none failed)."""
-    ends = [t + lat for t, ok, lat, _ in report["timeline"] if not ok and t + lat >= event_at - 0.5]
-    return max(0.0, max(ends) - event_at) if ends else 0.0
+def recovery(report, event_epoch):
+    """Seconds from the event (wall clock) until the last failed handshake started:
+    every handshake started later succeeded (0: none failed after the event)."""
+    event_at = event_epoch - report["start_epoch"]
+    starts = [t for t, ok, _, _ in report["timeline"] if not ok and t >= event_at - 0.5]
+    return max(0.0, max(starts) - event_at) if starts else 0.0
 
 
 def both_up(chain):
@@ -120,13 +122,14 @@ def test_one_key_server_stopped_under_load(chain):
     try:
         load = chain.load_async("rsa-ks", 8, concurrency=2)
         time.sleep(2.0)
+        event = time.time()
         chain.stop_keyserver("ks1")  # the preferred one: every connection is on it
         report = json.loads(load.communicate(timeout=60)[0])
-        rec = recovery(report, 2.0)
+        rec = recovery(report, event)
         print(f"\n[stop ks1] handshakes ok={report['ok']} failed={report['failed']}, recovered {rec:.2f} s"
               " after the stop (watchdog, no manual restart)")
         assert rec < 5.0
-        tail = [e for e in report["timeline"] if e[0] > 2.0 + rec + 0.1]
+        tail = [e for e in report["timeline"] if e[0] > event - report["start_epoch"] + rec]
         assert tail and all(e[1] for e in tail)
     finally:
         both_up(chain)
@@ -140,12 +143,13 @@ def test_blackholed_key_server_does_not_freeze_workers(chain):
         active = chain.active_keyservers()
         assert len(active) == 1, active
         victim = active[0]
+        event = time.time()
         chain.blackhole(victim)
         report = json.loads(load.communicate(timeout=60)[0])
-        rec = recovery(report, 2.0)
+        rec = recovery(report, event)
         print(f"\n[blackhole {victim}] handshakes ok={report['ok']} failed={report['failed']}"
-              f" errors={report['errors']}, recovered {rec:.2f} s after the blackhole")
-        assert rec < 8.0
+              f" errors={report['errors']}, handshakes started {rec:.2f} s after the blackhole or later all succeeded")
+        assert rec < 6.0
         stuck = [p for p in chain.nsexec("l7", "ps", "-eo", "pid,cmd").stdout.splitlines() if "shutting down" in p]
         print(f"[blackhole] old workers still present after the load: {len(stuck)}")
         assert not stuck, "old workers blocked on the dead key server were not killed"
