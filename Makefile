@@ -8,7 +8,8 @@ export ANSIBLE_CONFIG := $(CURDIR)/ansible.cfg
 PYTEST := $(BIN)/pytest
 # Debian packages the controller and the lab need on this machine.
 HOST_PACKAGES := user-mode-linux uml-utilities debootstrap e2fsprogs iproute2 socat openssh-client \
-	curl wrk iperf3 openssl gcc libc6-dev
+	curl wrk iperf3 openssl gcc libc6-dev \
+	nginx softhsm2 p11-kit p11-kit-modules stunnel4 libengine-pkcs11-openssl opensc iptables
 RESULTS := results
 
 .PHONY: help deps venv lab-up lab-down lab-status deploy demo check-traffic lint sanity unit hosttest molecule labtest test clean clean-cache
@@ -23,6 +24,8 @@ deps:  ## Debian packages (only the missing ones; apt-get update once)
 	if [ -n "$$missing" ]; then \
 	  echo ">> installing Debian packages: $$missing"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
+	  # the host tests start their own nginx/stunnel in namespaces: not Debian's on *:80 \
+	  systemctl disable --now nginx stunnel4 >/dev/null 2>&1 || true; \
 	fi
 
 $(BIN)/openclb-lab: requirements.txt pyproject.toml
@@ -48,7 +51,10 @@ lab-down: venv
 lab-status: venv
 	openclb-lab status
 
+# Lab only: self-signed certificates for the lab's HTTPS listeners (into the
+# git-ignored .cache/tls/), then the whole site.
 deploy: venv
+	ansible-playbook -i inventories/lab playbooks/certificates.yml --tags generate -e openclb_tls_generate=true
 	ansible-playbook -i inventories/lab site.yml
 
 check-traffic: venv

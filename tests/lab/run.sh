@@ -43,6 +43,7 @@ done
 
 step "3/4 converge site.yml"
 start=$(date +%s)
+ansible-playbook -i inventories/lab playbooks/certificates.yml --tags generate -e openclb_tls_generate=true
 ansible-playbook -i inventories/lab site.yml
 echo ">> converged in $(( $(date +%s) - start )) s"
 
