@@ -46,7 +46,7 @@ MASKED_UNITS = [
     "ipvsadm.service",  # Debian's boot-time rule loader: IPVS state belongs to keepalived and the modules
 ]
 IMAGE_SIZE = "3G"
-RECIPE_VERSION = "4"  # bump when the customisation below changes
+RECIPE_VERSION = "5"  # bump when the customisation below changes
 
 
 def uml_kernel_version() -> str:
@@ -148,11 +148,9 @@ def customise(root: Path) -> None:
     _write(root / "etc/ssh/sshd_config.d/openclb-lab.conf",
            "PermitRootLogin prohibit-password\nPasswordAuthentication no\nUseDNS no\nMaxStartups 64:30:128\n")
     # iptables-legacy: the UML kernel lacks nftables' ip/ip6/inet families.
+    # update-alternatives moves the slave links too (iptables-restore, -save).
     for tool in ("iptables", "ip6tables"):
-        alt = root / "etc/alternatives" / tool
-        if alt.is_symlink():
-            alt.unlink()
-            alt.symlink_to(f"/usr/sbin/{tool}-legacy")
+        run(["chroot", str(root), "update-alternatives", "--set", tool, f"/usr/sbin/{tool}-legacy"])
     # journald keeps logs in memory (small, fast).
     _write(root / "etc/systemd/journald.conf.d/openclb-lab.conf", "[Journal]\nStorage=volatile\nRuntimeMaxUse=16M\n")
     units = root / "etc/systemd/system"

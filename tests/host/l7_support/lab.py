@@ -142,11 +142,22 @@ class L7Lab:
                 fh.write(str(status))
 
     # --------------------------------------------------------------- role
+    def write_tls_material(self, tls):
+        """The role reads <name>.crt / <name>.key from a controller directory."""
+        directory = os.path.join(self.tmp, "tls-material")
+        os.makedirs(directory, exist_ok=True)
+        for name, pair in tls.items():
+            for ext, field in (("crt", "certificate"), ("key", "key")):
+                if field in pair:
+                    with open(os.path.join(directory, f"{name}.{ext}"), "w", encoding="utf-8") as fh:
+                        fh.write(pair[field])
+        return directory
+
     def role_vars(self, model=None, tls=None):
         t = self.tmp
         return {
             "openclb_model": model or self.model,
-            "openclb_tls_material": tls or self.tls,
+            "openclb_tls_material_dir": self.write_tls_material(tls or self.tls),
             "l7_service_manager": "none",
             "l7_manage_packages": False,
             "l7_etc_dir": t + "/etc",
