@@ -208,7 +208,8 @@ def test_weight_zero_drains_and_check_mode_shows_the_diff(l4, tmp_path):
     assert ipvs_table(l4, node) == table_before
 
     hold = l4.popen("client1", ["python3", CLIENT, "hold", "--host", VIP, "--port", "80", "--source",
-                                "203.0.113.102", "--connections", "8", "--duration", "900", "--interval", "2"])
+                                "203.0.113.102", "--connections", "8", "--duration", "900", "--interval", "2",
+                                "--timeout", "10"])
     try:
         time.sleep(4)
         rc, out = playbook("playbooks/lvs.yml", "--tags", "lvs", "-e", extra)
