@@ -42,14 +42,6 @@ def load_model(inventory: Path) -> dict:
     return json.loads(msg) if isinstance(msg, str) else msg
 
 
-def _first_domain(listener: dict) -> str | None:
-    for rule in listener.get("rules") or []:
-        domain = rule.get("domain")
-        if domain and not domain.startswith("*"):
-            return domain
-    return None
-
-
 def run_traffic(lab: Lab, inventory: Path, count: int, client: str, json_path: Path | None) -> int:
     model = load_model(inventory)
     listeners = model.get("listeners", [])
@@ -68,8 +60,8 @@ def run_traffic(lab: Lab, inventory: Path, count: int, client: str, json_path: P
     for lst in listeners:
         argv = lab.exec_argv(client_host.name, [
             sys.executable, "-m", "openclb_lab.probe", lst["protocol"], lst["vip"], str(lst["port"]),
-            "--count", str(count), "--names", ",".join(backend_names)]
-            + (["--host", _first_domain(lst)] if _first_domain(lst) else []))
+            "--count", str(count), "--names", ",".join(backend_names)])
+        # no Host header of a rule: the listener's default server group answers
         res = subprocess.run(argv, capture_output=True, text=True, timeout=count * 10 + 60, check=False)
         try:
             result = json.loads(res.stdout)
