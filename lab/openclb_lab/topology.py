@@ -10,6 +10,7 @@ import ipaddress
 import json
 import os
 import subprocess
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -75,7 +76,8 @@ def _as_list(value) -> list[str]:
 
 
 def load(inventory: Path = DEFAULT_INVENTORY) -> Topology:
-    ansible_inventory = Path(os.environ.get("VIRTUAL_ENV", REPO / ".venv")) / "bin" / "ansible-inventory"
+    # the ansible-inventory next to this interpreter (the project's venv), else PATH's
+    ansible_inventory = Path(sys.executable).parent / "ansible-inventory"
     cmd = [str(ansible_inventory) if ansible_inventory.exists() else "ansible-inventory", "-i", str(inventory), "--list"]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=REPO).stdout
     return parse(json.loads(out))
