@@ -196,8 +196,9 @@ def main():
     now = time.monotonic()
     out = {"duration": duration, "started": wall0, "groups": {}}
     for h in held:
-        g = out["groups"].setdefault(h.group, {"count": 0, "alive": 0, "failed": [], "max_stall": 0.0,
-                                                "eligible": 0, "eligible_alive": 0})
+        g = out["groups"].setdefault(
+            h.group, {"count": 0, "alive": 0, "failed": [], "max_stall": 0.0, "eligible": 0, "eligible_alive": 0}
+        )
         g["count"] += 1
         # alive: no error and an answer in the last second of the run
         alive = h.error is None and h.last_answer is not None and now - h.last_answer < 1.5
@@ -209,7 +210,7 @@ def main():
             g["failed"].append({"error": h.error or "stalled", "answers": h.answers})
         g["max_stall"] = round(max(g["max_stall"], h.max_stall), 3)
     if args.probe:
-        gaps = [b - a for a, b in zip(probe_ok, probe_ok[1:])]
+        gaps = [b - a for a, b in zip(probe_ok, probe_ok[1:], strict=False)]
         worst = max(range(len(gaps)), key=gaps.__getitem__) if gaps else None
         top = sorted(range(len(gaps)), key=gaps.__getitem__, reverse=True)[:3]
         out["probe"] = {
