@@ -1,0 +1,73 @@
+"""Helpers for the lab tests: run commands on lab hosts, skip cleanly when the lab is down.
+
+The lab is the one named by OPENCLB_LAB_NAME (default "openclb"); guests are
+reached with `openclb-lab exec HOST -- CMD`, clients run CMD inside their
+network namespace (on this host's file system, so tests/lab/*.py scripts can
+be run there with the host's python3).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def lab_cli():
+    for candidate in (shutil.which("openclb-lab"), str(Path(sys.executable).with_name("openclb-lab"))):
+        if candidate and os.access(candidate, os.X_OK):
+            return candidate
+    return None
+
+
+class Lab:
+    """`openclb-lab exec` with a timeout on every call."""
+
+    def __init__(self, cli):
+        self.cli = cli
+        self.name = os.environ.get("OPENCLB_LAB_NAME", "openclb")
+
+    def run(self, host, cmd, timeout=60, check=True, stdin=None):
+        argv = [self.cli, "exec", host, "--", *(["sh", "-c", cmd] if isinstance(cmd, str) else cmd)]
+        p = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, input=stdin)
+        if check and p.returncode != 0:
+            raise AssertionError(f"{host}: {cmd!r} failed ({p.returncode}): {p.stderr.strip()[-2000:]}")
+        return p
+
+    def sh(self, host, cmd, **kw):
+        return self.run(host, cmd, **kw).stdout
+
+    def popen(self, host, argv):
+        return subprocess.Popen([self.cli, "exec", host, "--", *argv], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+
+    def status(self):
+        out = subprocess.run([self.cli, "status", "--json"], capture_output=True, text=True, timeout=60).stdout
+        return {row["host"]: row for row in json.loads(out or "[]")}
+
+
+def require_hosts(lab, hosts):
+    """Skip (with the reason) unless every host is running/up."""
+    try:
+        status = lab.status()
+    except (subprocess.SubprocessError, ValueError) as exc:
+        pytest.skip(f"openclb-lab status failed: {exc}")
+    missing = [h for h in hosts if status.get(h, {}).get("state") not in ("running", "up")]
+    if missing:
+        pytest.skip(f"lab {lab.name}: {', '.join(missing)} not running "
+                    f"(openclb-lab up {' '.join(hosts)}; then run playbooks/backends.yml and playbooks/lvs.yml)")
+
+
+@pytest.fixture(scope="session")
+def lab():
+    cli = lab_cli()
+    if cli is None:
+        pytest.skip("openclb-lab CLI not installed (make venv)")
+    return Lab(cli)
