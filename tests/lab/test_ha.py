@@ -147,21 +147,19 @@ def run_scenario(fail, recover, duration, recover_after=8.0):
     ok_at = report["probe"]["ok_at"]
     t_fail = t_failed - report["started"]
     t_recover = t_recover - report["started"]
-    report["failover_gap"] = gap_around(ok_at, t_fail)
+    # failover: the longest gap between failure and recovery (a failure
+    # command returns before or after it takes effect, so not "the gap at t")
+    report["failover_gap"] = longest_gap(ok_at, t_fail, t_recover)
     # the returning node: the longest gap from its recovery to the end of the run
-    after = [t for t in ok_at if t >= t_recover]
-    report["recovery_gap"] = round(max((b - a for a, b in zip(after, after[1:], strict=False)), default=0.0), 3)
+    report["recovery_gap"] = longest_gap(ok_at, t_recover, report["duration"])
     report["t_fail"], report["t_recover"] = round(t_fail, 3), round(t_recover, 3)
     return report, master, peer, t_fail
 
 
-def gap_around(ok_at, t):
-    """Time between the last successful new connection before t and the first after."""
-    before = [x for x in ok_at if x <= t]
-    after = [x for x in ok_at if x > t]
-    if not before or not after:
-        return None
-    return round(after[0] - before[-1], 3)
+def longest_gap(ok_at, start, end):
+    """Longest time without a successful new connection that overlaps [start, end]."""
+    gaps = [b - a for a, b in zip(ok_at, ok_at[1:], strict=False) if b >= start and a <= end]
+    return round(max(gaps, default=0.0), 3)
 
 
 def check_report(name, report, master, peer):
