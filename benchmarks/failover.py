@@ -32,7 +32,7 @@ import test_ha as ha  # noqa: E402  (the lab test's traffic and failure helpers)
 SCENARIOS = {
     "stop": (lambda h: ha.on(h, "systemctl stop keepalived"), lambda h: ha.on(h, "systemctl start keepalived"), 30),
     "freeze": (lambda h: ha.lab("freeze", h), lambda h: ha.lab("thaw", h), 35),
-    "halt": (lambda h: ha.lab("halt", h), lambda h: ha.lab("boot", h, timeout=300), 90),
+    "halt": (lambda h: ha.lab("halt", h), ha.boot, 90),
 }
 
 
