@@ -449,6 +449,20 @@ _VRRP = {
     "version": _Enum((2, 3), default=3),
     "advert_int": _Num(0.01, 255, default=1),
     "virtual_router_id": _Int(1, 254, default=51),
+    # Failover behaviour (docs/ha.md). preempt false = keepalived nopreempt:
+    # a node that comes back stays BACKUP, so a failure costs one switch, not two.
+    "preempt": _Bool(default=False),
+    # With preempt: seconds a returning node waits before it takes the VIPs
+    # back, so its IPVS/conntrack sync state has warmed up first.
+    "preempt_delay": _Int(0, 1000, default=60),
+    # Gratuitous ARP / unsolicited NA: a first burst at the transition, a
+    # second burst garp_master_delay s later, a refresh while MASTER, and a
+    # burst when a MASTER sees a lower-priority advert (a frozen MASTER that
+    # came back: it never left MASTER, so it sent no GARP otherwise).
+    "garp_master_delay": _Int(0, 255, default=1),
+    "garp_master_repeat": _Int(1, 255, default=3),
+    "garp_master_refresh": _Int(0, 86400, default=60),
+    "garp_lower_prio_repeat": _Int(0, 255, default=3),
 }
 _SYNC = {
     "enabled": _Bool(default=True),
@@ -458,6 +472,19 @@ _SYNC = {
     "ttl": _Int(1, 255, default=1),
     "threshold": _Func(_threshold, default=lambda ctx: [3, 50]),
     "refresh_period": _Int(0, 2**31 - 1, default=0),
+    # net.ipv4.vs.sync_retries: resends of a refresh-mode message (refresh_period > 0)
+    "retries": _Int(0, 3, default=0),
+    # net.ipv4.vs.sync_version: 1 carries IPv6, timeouts and persistence templates
+    "version": _Int(0, 1, default=1),
+    # net.ipv4.vs.sync_persist_mode: 1 syncs only the templates of persistent services
+    "persist_mode": _Int(0, 1, default=0),
+}
+# conntrackd FTFW between the LVS nodes: the netfilter state of NAT flows
+# (IPVS sync carries only the IPVS entries).
+_CONNTRACK_SYNC = {
+    "enabled": _Bool(default=True),
+    "mcast_group": _Func(_mcast, default="225.0.0.50"),
+    "port": _Int(1, 65535, default=3780),
 }
 _CLUSTER = {
     "name": _Str(_NAME_RE, "a name ([a-z0-9-], at most 63)"),
@@ -465,6 +492,7 @@ _CLUSTER = {
     "nat_gateway": _Func(_gateway, default=None, nullable=True),
     "vrrp": _Dict(_VRRP),
     "sync": _Dict(_SYNC),
+    "conntrack_sync": _Dict(_CONNTRACK_SYNC),
 }
 _MEMBER = {
     "host": _Str(_HOST_RE, "an inventory host name", default=None, nullable=True),

@@ -389,7 +389,17 @@ EXPECTED = {
         "name": "test",
         "id": "lb-test",
         "nat_gateway": None,
-        "vrrp": {"version": 3, "advert_int": 1, "virtual_router_id": 51},
+        "vrrp": {
+            "version": 3,
+            "advert_int": 1,
+            "virtual_router_id": 51,
+            "preempt": False,
+            "preempt_delay": 60,
+            "garp_master_delay": 1,
+            "garp_master_repeat": 3,
+            "garp_master_refresh": 60,
+            "garp_lower_prio_repeat": 3,
+        },
         "sync": {
             "enabled": True,
             "syncid": 1,
@@ -398,7 +408,11 @@ EXPECTED = {
             "ttl": 1,
             "threshold": [3, 50],
             "refresh_period": 0,
+            "retries": 0,
+            "version": 1,
+            "persist_mode": 0,
         },
+        "conntrack_sync": {"enabled": True, "mcast_group": "225.0.0.50", "port": 3780},
     },
     "nodes": {
         "lvs_nodes": [
@@ -1084,6 +1098,22 @@ CASES = {
     "vrrp v3 advert steps": (
         lambda raw, nodes: raw["cluster"].update(vrrp={"advert_int": 0.125}),
         ["cluster.vrrp.advert_int: 0.125: VRRPv3 adverts are in steps of 0.01 s"],
+    ),
+    "vrrp preempt_delay range": (
+        lambda raw, nodes: raw["cluster"].update(vrrp={"preempt": True, "preempt_delay": 1001}),
+        ["cluster.vrrp.preempt_delay: 1001 is out of range 0-1000"],
+    ),
+    "vrrp preempt is a boolean": (
+        lambda raw, nodes: raw["cluster"].update(vrrp={"preempt": "sometimes"}),
+        ["cluster.vrrp.preempt: 'sometimes' is not a boolean"],
+    ),
+    "sync version": (
+        lambda raw, nodes: raw["cluster"].update(sync={"version": 2}),
+        ["cluster.sync.version: 2 is out of range 0-1"],
+    ),
+    "conntrack sync group must be multicast": (
+        lambda raw, nodes: raw["cluster"].update(conntrack_sync={"mcast_group": "10.0.0.1"}),
+        ["cluster.conntrack_sync.mcast_group: '10.0.0.1' is not a multicast address"],
     ),
     "vrrp version": (
         lambda raw, nodes: raw["cluster"].update(vrrp={"version": 4}),
