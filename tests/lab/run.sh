@@ -48,4 +48,6 @@ ansible-playbook -i inventories/lab site.yml
 echo ">> converged in $(( $(date +%s) - start )) s"
 
 step "4/4 lab tests against the converged lab"
-pytest_lab tests/lab --deselect tests/lab/test_ipvs_kernel.py
+# Idempotence first (right after the converge), failure injection last.
+pytest_lab tests/lab/test_site.py tests/lab/test_demo.py tests/lab/test_l4.py tests/lab/test_l7.py \
+  tests/lab/test_keyserver.py tests/lab/test_ha.py
