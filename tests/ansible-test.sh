@@ -10,7 +10,12 @@ tree=$(mktemp -d /tmp/openclb-ansible-test.XXXXXX)
 trap 'rm -rf "$tree"' EXIT
 dest=$tree/ansible_collections/openclb/lb
 mkdir -p "$dest"
-(cd "$here" && git ls-files -co --exclude-standard | tar -cf - -T - | tar -xf - -C "$dest")
+# What the collection ships (galaxy.yml build_ignore): the lab, the lab and
+# host tests, the benchmarks and Molecule scenarios are project tooling,
+# linted by ruff/yamllint/ansible-lint (make lint), not collection content.
+(cd "$here" && git ls-files -co --exclude-standard \
+   | grep -Ev '^(lab|benchmarks|molecule|tests/lab|tests/host)/' \
+   | tar -cf - -T - | tar -xf - -C "$dest")
 
 # ansible-test bootstraps pip in its venvs with get-pip.py from a server we
 # cannot reach: give it the stand-in that uses ensurepip + PyPI instead.
