@@ -76,7 +76,7 @@ unit: venv
 # Real daemons (nginx, stunnel, softhsm, ...) on this host, inside network
 # namespaces the tests create and remove; root only.
 hosttest: deps venv
-	$(PYTEST) -q -m host tests/host
+	$(PYTEST) -q tests/host
 
 molecule: deps venv
 	molecule test --all
