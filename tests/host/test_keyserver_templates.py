@@ -44,7 +44,7 @@ TEMPLATES = {
     "ks1": ("keyserver", ["softhsm2.conf", "stunnel-keyserver.conf", "iptables.rules",
                           "openclb-keyserver-p11kit.service", "openclb-keyserver-tunnel.service",
                           "openclb-keyserver-firewall.service"]),
-    "l7-1": ("keyclient", ["stunnel-keyclient.conf", "openssl.cnf", "nginx-keyclient.conf", "watchdog.json",
+    "l7-1": ("keyclient", ["stunnel-keyclient.conf", "openssl.cnf", "nginx-keyclient.conf", "nginx.env", "watchdog.json",
                            "openclb-keyclient-tunnel.service", "openclb-keyclient-watchdog.service"]),
 }
 
@@ -115,9 +115,12 @@ def test_keyclient_tunnel_lists_key_servers_in_order_with_host_checks(rendered):
 
 def test_nginx_drop_in_sets_the_engine_environment_and_ordering(rendered):
     text = read(rendered, "l7-1-nginx-keyclient.conf")
-    assert "Environment=OPENSSL_CONF=/etc/openclb/keyclient/openssl.cnf" in text
-    assert "Environment=P11_KIT_SERVER_ADDRESS=unix:path=/run/openclb-keyclient/p11-kit.sock" in text
+    assert "EnvironmentFile=/etc/openclb/nginx.env" in text
     assert "After=openclb-keyclient-tunnel.service" in text
+    # the same file roles/l7 sources for `nginx -t`
+    env = read(rendered, "l7-1-nginx.env")
+    assert "OPENSSL_CONF=/etc/openclb/keyclient/openssl.cnf" in env.splitlines()
+    assert "P11_KIT_SERVER_ADDRESS=unix:path=/run/openclb-keyclient/p11-kit.sock" in env.splitlines()
     cnf = read(rendered, "l7-1-openssl.cnf")
     assert "MODULE_PATH = /usr/lib/x86_64-linux-gnu/pkcs11/p11-kit-client.so" in cnf
 
