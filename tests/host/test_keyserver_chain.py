@@ -161,32 +161,40 @@ def test_blackholed_key_server_does_not_freeze_workers(chain):
 
 def test_both_key_servers_down(chain):
     try:
-        started = time.monotonic()
         full = chain.load_async("ec-ks", 10, concurrency=2, timeout=3.0)
         resumed = chain.load_async("rsa-ks", 10, concurrency=1, resume=True)
         time.sleep(1.5)
+        down = time.time()
         chain.stop_keyserver("ks1")
         chain.stop_keyserver("ks2")
         time.sleep(4.0)
+        back = time.time()
         chain.start_keyserver("ks2")
-        back = time.monotonic()
         f = json.loads(full.communicate(timeout=60)[0])
         r = json.loads(resumed.communicate(timeout=60)[0])
+        down_at, back_at = down - f["start_epoch"], back - f["start_epoch"]
         failed = [e for e in f["timeline"] if not e[1]]
-        slowest = max(e[2] for e in failed) if failed else 0.0
+        # "New" handshakes: started once both were gone. One already waiting on a
+        # key operation when its key server was killed may fail either way.
+        new = [e for e in failed if e[0] >= down_at + 0.5]
         print(f"\n[both down] full handshakes ok={f['ok']} failed={f['failed']} errors={f['errors']}"
-              f" slowest failure {slowest:.3f} s; resumed ok={r['ok']} failed={r['failed']}")
+              f" slowest new failure {max((e[2] for e in new), default=0):.3f} s;"
+              f" resumed ok={r['ok']} failed={r['failed']} errors={r['errors']}")
+        print("[both down] failures in flight at the stop:",
+              [e for e in failed if e[0] < down_at + 0.5][:5], "resumed failures:",
+              [[round(e[0] - (down - r["start_epoch"]), 3), e[2], e[3]] for e in r["timeline"] if not e[1]])
         # New full handshakes get a TLS alert, promptly: no hang until the client's timeout.
-        assert failed and all(e[3].startswith("tls:") for e in failed)
-        assert max(e[2] for e in failed) < 1.0
-        # Resumed sessions never need the key server.
-        assert r["failed"] == 0 and r["resumed"] >= r["ok"] - 1
+        assert new and all(e[3].startswith("tls:") for e in new), f["errors"]
+        assert max(e[2] for e in new) < 1.0
+        # Resumed sessions never need the key server (the same in-flight allowance:
+        # a worker busy with a key operation at the kill serves its queue late).
+        r_down = down - r["start_epoch"]
+        assert not [e for e in r["timeline"] if not e[1] and e[0] >= r_down + 0.5], r["errors"]
+        assert r["resumed"] >= r["ok"] - 1
         # Recovery once ks2 is back, without a manual restart.
         assert f["timeline"][-1][1], "still failing at the end"
-        since_back = f["elapsed"] - (back - started) - 0.0
         last_fail = max(e[0] + e[2] for e in failed)
-        print(f"[both down] recovered {max(0.0, last_fail - (back - started)):.2f} s after ks2 came back"
-              f" (load ran {since_back:.1f} s more)")
+        print(f"[both down] recovered {max(0.0, last_fail - back_at):.2f} s after ks2 came back")
     finally:
         both_up(chain)
 
