@@ -11,6 +11,19 @@ from ansible_collections.openclb.lb.plugins.module_utils import model as lb
 _PARTS = {"cluster": "openclb_cluster", "server_groups": "openclb_server_groups", "listeners": "openclb_listeners"}
 
 
+def missing_controller_dirs(model, task_vars):
+    """Controller directories the model needs and the inventory must name:
+    no default under the playbook directory, which differs per playbook."""
+    https = [lst for lst in model.get("l7_listeners", []) if lst.get("protocol") == "https"]
+    needed = []
+    if https:
+        needed.append(("openclb_tls_material_dir", "certificates and keys of the HTTPS listeners"))
+    if any(cert.get("key_store") == "keyserver" for lst in https for cert in lst.get("certificates", [])):
+        needed.append(("openclb_pki_dir", "the cluster CA and the key-server tunnel certificates"))
+    return [f"{var}: not set in the inventory (the controller directory for {why})"
+            for var, why in needed if not task_vars.get(var)]
+
+
 class ActionModule(ActionBase):
     TRANSFERS_FILES = False
     _requires_connection = False
@@ -36,6 +49,12 @@ class ActionModule(ActionBase):
             result["failed"] = True
             result["errors"] = exc.errors
             result["msg"] = f"{len(exc.errors)} error(s) in the openclb model:\n" + "\n".join(exc.errors)
+            return result
+        errors = missing_controller_dirs(model, task_vars)
+        if errors:
+            result["failed"] = True
+            result["errors"] = errors
+            result["msg"] = "\n".join(errors)
             return result
         if self._task.args.get("publish"):
             # With run_once the fact reaches every host of the play: the

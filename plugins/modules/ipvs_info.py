@@ -15,16 +15,15 @@ description:
   - Does not load C(ip_vs); when the module is not loaded it returns RV(loaded=false) and empty lists.
 author:
   - openclb developers (@openclb)
-requirements:
-  - pyroute2 >= 0.9.7 on the managed node
 attributes:
   check_mode:
-    description: Can run in check_mode and return changed status prediction without modifying target.
     support: full
     details: Read-only.
   diff_mode:
-    description: Will return details on what has changed (or possibly needs changing in check_mode), when in diff mode.
     support: none
+extends_documentation_fragment:
+  - ansible.builtin.action_common_attributes
+  - openclb.lb.ipvs
 options:
   stats:
     description:

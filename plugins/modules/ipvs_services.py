@@ -19,17 +19,15 @@ description:
   - Loads C(ip_vs) with C(modprobe) when the IPVS generic netlink family is missing (not in check mode).
 author:
   - openclb developers (@openclb)
-requirements:
-  - pyroute2 >= 0.9.7 on the managed node
-  - Linux with IPVS (C(ip_vs) and the scheduler modules)
 attributes:
   check_mode:
-    description: Can run in check_mode and return changed status prediction without modifying target.
     support: full
   diff_mode:
-    description: Will return details on what has changed (or possibly needs changing in check_mode), when in diff mode.
     support: full
     details: Before and after of every listed (and purged) service, keyed by service id, for example C(tcp 203.0.113.10:80).
+extends_documentation_fragment:
+  - ansible.builtin.action_common_attributes
+  - openclb.lb.ipvs
 options:
   services:
     description:

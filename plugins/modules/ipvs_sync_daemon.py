@@ -21,16 +21,15 @@ description:
   - Loads C(ip_vs) with C(modprobe) when the IPVS generic netlink family is missing (not in check mode).
 author:
   - openclb developers (@openclb)
-requirements:
-  - pyroute2 >= 0.9.7 on the managed node
 attributes:
   check_mode:
-    description: Can run in check_mode and return changed status prediction without modifying target.
     support: full
   diff_mode:
-    description: Will return details on what has changed (or possibly needs changing in check_mode), when in diff mode.
     support: full
     details: Before and after of the affected daemons, keyed by role.
+extends_documentation_fragment:
+  - ansible.builtin.action_common_attributes
+  - openclb.lb.ipvs
 options:
   role:
     description:

@@ -22,17 +22,15 @@ description:
   - To manage many services in one run use M(openclb.lb.ipvs_services).
 author:
   - openclb developers (@openclb)
-requirements:
-  - pyroute2 >= 0.9.7 on the managed node
-  - Linux with IPVS (C(ip_vs) and the scheduler modules)
 attributes:
   check_mode:
-    description: Can run in check_mode and return changed status prediction without modifying target.
     support: full
   diff_mode:
-    description: Will return details on what has changed (or possibly needs changing in check_mode), when in diff mode.
     support: full
     details: Before and after of the service and its real servers (keyed by C(address:port)).
+extends_documentation_fragment:
+  - ansible.builtin.action_common_attributes
+  - openclb.lb.ipvs
 options:
   protocol:
     description:

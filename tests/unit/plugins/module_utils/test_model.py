@@ -1395,9 +1395,9 @@ def test_internal_address6_must_be_ipv6():
     assert errors_after(mutate) == ["nodes[l7-1].openclb_internal_address6: '10.99.0.121' is not an IPv6 address"]
 
 
-def test_example_inventory_model_is_valid():
-    # inventories/example is the model users copy: it must stay valid. Its
-    # addresses are literal, so hosts.yml is read here without Ansible.
+def example_inventory():
+    """(raw model, nodes, other group_vars) of inventories/example. Its addresses
+    are literal, so hosts.yml is read here without Ansible."""
     yaml = pytest.importorskip("yaml")
     root = os.path.join(os.path.dirname(__file__), *[".."] * 4, "inventories", "example")
     with open(os.path.join(root, "hosts.yml")) as f:
@@ -1417,7 +1417,31 @@ def test_example_inventory_model_is_valid():
         "server_groups": gv["openclb_server_groups"],
         "listeners": gv["openclb_listeners"],
     }
+    with open(os.path.join(root, "group_vars", "all", "main.yml")) as f:
+        main = yaml.safe_load(f)
+    return raw, nodes, main
+
+
+def test_example_inventory_model_is_valid():
+    # inventories/example is the model users copy: it must stay valid.
+    raw, nodes, _ = example_inventory()
     assert model.validate(raw, nodes) == []
     got = model.normalize(raw, nodes)
     assert model.summary(got)["listeners"] == {"tcp": 1, "udp": 1, "http": 2, "https": 2}
     assert [i["virtual_router_id"] for i in got["vrrp_instances"]] == [61, 62]
+
+
+def test_controller_directories_are_required_by_name():
+    from ansible_collections.openclb.lb.plugins.action.validate_model import missing_controller_dirs
+
+    raw, nodes, main = example_inventory()
+    got = model.normalize(raw, nodes)
+    assert missing_controller_dirs(got, main) == []
+    errors = missing_controller_dirs(got, {})
+    assert [e.split(":")[0] for e in errors] == ["openclb_tls_material_dir", "openclb_pki_dir"]
+    # Local keys only: no key-server tunnel, so no PKI directory either.
+    for lst in raw["listeners"]:
+        for cert in lst.get("certificates", []):
+            cert["key_store"] = "local"
+    local = model.normalize(raw, nodes)
+    assert [e.split(":")[0] for e in missing_controller_dirs(local, {})] == ["openclb_tls_material_dir"]
