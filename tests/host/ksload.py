@@ -7,6 +7,7 @@ timeline of (seconds since start, ok) per handshake. Stops by itself after
 """
 import argparse
 import json
+import os
 import socket
 import ssl
 import threading
@@ -24,6 +25,8 @@ def main():
     ap.add_argument("--tls", choices=["1.2", "1.3"], default="1.3")
     ap.add_argument("--resume", action="store_true", help="reuse one session (tickets) for every handshake")
     ap.add_argument("--pause", type=float, default=0.0, help="sleep between handshakes per worker")
+    ap.add_argument("--ciphers", help="TLS 1.2 cipher list, e.g. ECDHE-RSA-AES128-GCM-SHA256 for the RSA certificate")
+    ap.add_argument("--stop-file", help="also stop (and report) as soon as this file exists")
     a = ap.parse_args()
 
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
@@ -31,6 +34,8 @@ def main():
     ctx.verify_mode = ssl.CERT_NONE
     ver = ssl.TLSVersion.TLSv1_2 if a.tls == "1.2" else ssl.TLSVersion.TLSv1_3
     ctx.minimum_version = ctx.maximum_version = ver
+    if a.ciphers:
+        ctx.set_ciphers(a.ciphers)
 
     lock = threading.Lock()
     events = []  # (t, ok, latency, error, resumed)
@@ -70,7 +75,7 @@ def main():
             events.append((round(t0 - start, 4), ok, round(t1 - t0, 5), err, resumed))
 
     def worker():
-        while time.monotonic() < stop:
+        while time.monotonic() < stop and not (a.stop_file and os.path.exists(a.stop_file)):
             with lock:
                 if budget[0] <= 0:
                     return
@@ -106,6 +111,15 @@ def main():
         "p50_ms": pct(0.5), "p99_ms": pct(0.99),
         "timeline": [[e[0], e[1], e[2], e[3]] for e in events],
     }))
+
+
+def recovery(report, event_epoch):
+    """Seconds from an event (wall clock) until the last failed handshake
+    started: every handshake started later succeeded. 0 when none failed
+    after it; failures up to 0.5 s before count (clocks of two processes)."""
+    event_at = event_epoch - report["start_epoch"]
+    starts = [t for t, ok, _, _ in report["timeline"] if not ok and t >= event_at - 0.5]
+    return max(0.0, max(starts) - event_at) if starts else 0.0
 
 
 if __name__ == "__main__":

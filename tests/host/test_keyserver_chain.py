@@ -11,14 +11,7 @@ import time
 
 import kschain
 import pytest
-
-
-def recovery(report, event_epoch):
-    """Seconds from the event (wall clock) until the last failed handshake started:
-    every handshake started later succeeded (0: none failed after the event)."""
-    event_at = event_epoch - report["start_epoch"]
-    starts = [t for t, ok, _, _ in report["timeline"] if not ok and t >= event_at - 0.5]
-    return max(0.0, max(starts) - event_at) if starts else 0.0
+from ksload import recovery
 
 
 def both_up(chain):

@@ -10,14 +10,41 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 REPO = Path(__file__).resolve().parents[2]
+PLAYBOOK = os.environ.get("OPENCLB_ANSIBLE_PLAYBOOK", str(Path(sys.executable).with_name("ansible-playbook")))
+
+
+def playbook(*args, timeout=900):
+    """Run ansible-playbook against the lab inventory; returns (rc, output)."""
+    env = dict(os.environ, ANSIBLE_CONFIG=str(REPO / "ansible.cfg"), ANSIBLE_NOCOLOR="1", ANSIBLE_FORCE_COLOR="0")
+    p = subprocess.run([PLAYBOOK, "-i", str(REPO / "inventories/lab"), *args], cwd=REPO, env=env,
+                       capture_output=True, text=True, timeout=timeout)
+    return p.returncode, p.stdout + p.stderr
+
+
+def recap_changed(output):
+    """{host: changed count} from the PLAY RECAP."""
+    return {m.group(1): int(m.group(2)) for m in re.finditer(r"^(\S+)\s+: ok=\d+\s+changed=(\d+)", output, re.M)}
+
+
+def lab_model():
+    return yaml.safe_load((REPO / "inventories/lab/group_vars/all/openclb.yml").read_text())
+
+
+def write_vars(tmp_path, model):
+    """A changed model as extra vars (`-e @file`): server groups and listeners."""
+    path = tmp_path / "model.json"
+    path.write_text(json.dumps({k: model[k] for k in ("openclb_server_groups", "openclb_listeners")}))
+    return f"@{path}"
 
 
 def lab_cli():
@@ -47,6 +74,10 @@ class Lab:
     def popen(self, host, argv):
         return subprocess.Popen([self.cli, "exec", host, "--", *argv], stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, text=True)
+
+    def control(self, *args, timeout=120):
+        """openclb-lab itself: freeze/thaw/halt/boot/cut/restore HOST."""
+        subprocess.run([self.cli, *args], check=True, capture_output=True, text=True, timeout=timeout)
 
     def status(self):
         out = subprocess.run([self.cli, "status", "--json"], capture_output=True, text=True, timeout=60).stdout

@@ -12,7 +12,11 @@ import sys
 import time
 
 import pytest
-from conftest import REPO, require_hosts
+import yaml
+from conftest import REPO, lab_model, playbook, require_hosts
+
+sys.path.insert(0, str(REPO / "tests" / "host"))
+from ksload import recovery  # noqa: E402
 
 pytestmark = pytest.mark.lab
 
@@ -24,8 +28,9 @@ TUNNEL = "openclb-keyserver-tunnel"
 @pytest.fixture(scope="module")
 def ks(lab):
     require_hosts(lab, ["ks1", "ks2", "l7-1", "l7-2", "lvs1", "client1"])
-    if lab.run("ks1", ["systemctl", "is-active", TUNNEL], check=False).stdout.strip() != "active":
-        pytest.skip("key servers not converged (tests/lab/run.sh converges site.yml first)")
+    # The lab is up: an unconverged key server is a failure, not a skip.
+    state = lab.run("ks1", ["systemctl", "is-active", TUNNEL], check=False).stdout.strip()
+    assert state == "active", f"{TUNNEL} on ks1 is {state!r}: converge site.yml first (tests/lab/run.sh does)"
     return lab
 
 
@@ -69,12 +74,43 @@ def test_no_listener_private_key_on_l7_nodes(ks, host):
     assert not (on_node & listener_keys), f"a listener private key is on {host}: {found}"
 
 
-def test_tunnel_refuses_clients_without_the_cluster_certificate(ks):
-    # no client certificate: the TLS handshake to 2407 fails
-    out = ks.run("l7-1", ["sh", "-c", "echo | timeout 10 openssl s_client -connect 10.99.0.31:2407 -tls1_3 2>&1"],
-                 check=False, timeout=30).stdout
-    assert "alert" in out.lower() or "errno" in out.lower() or "error" in out.lower(), out[-1500:]
-    assert "Verify return code: 0" not in out or "certificate required" in out.lower(), out[-1500:]
+NODE_TLS = "/etc/openclb/keyclient/tls"
+# A CA of its own and a client certificate it signed, made on the L7 node: the
+# right address, a well-formed certificate, only the issuer is wrong.
+FOREIGN = ("cd $(mktemp -d) && "
+           "openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 1 -subj /CN=foreign-ca "
+           "-keyout ca.key -out ca.crt 2>/dev/null && "
+           "openssl req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -subj /CN=l7-1 "
+           "-keyout node.key -out node.csr 2>/dev/null && "
+           "openssl x509 -req -in node.csr -CA ca.crt -CAkey ca.key -CAcreateserial -days 1 -out node.crt 2>/dev/null "
+           "&& echo $PWD")
+
+
+def tunnel_session(lab, cert_args: str) -> str:
+    """Open a TLS 1.3 session to ks1:2407 and send one byte after the
+    handshake: TLS 1.3 servers judge the client certificate after the
+    client's Finished, so the refusal shows on the first read."""
+    return lab.run("l7-1", ["sh", "-c", f"(sleep 1; echo) | timeout 10 openssl s_client -connect 10.99.0.31:2407 "
+                                        f"-tls1_3 -CAfile {NODE_TLS}/ca.crt {cert_args} 2>&1"],
+                   check=False, timeout=30).stdout
+
+
+@pytest.mark.parametrize("client", ["none", "foreign CA", "own certificate"])
+def test_tunnel_admits_only_the_cluster_client_certificate(ks, client):
+    if client == "none":
+        args = ""
+    elif client == "foreign CA":
+        tmp = ks.sh("l7-1", FOREIGN).strip().splitlines()[-1]
+        args = f"-cert {tmp}/node.crt -key {tmp}/node.key"
+    else:  # the positive control: the node's own certificate from the cluster CA
+        args = f"-cert {NODE_TLS}/node.crt -key {NODE_TLS}/node.key"
+    out = tunnel_session(ks, args)
+    refused = re.search(r"alert (certificate required|unknown ca|bad certificate|handshake failure)"
+                        r"|SSL alert number 4[0-9]|errno=104", out)
+    if client == "own certificate":
+        assert not refused and "Verification: OK" in out, out[-1500:]
+    else:
+        assert refused, out[-1500:]
 
 
 def test_unlisted_address_cannot_reach_the_tunnel(ks):
@@ -84,9 +120,9 @@ def test_unlisted_address_cannot_reach_the_tunnel(ks):
     assert res.stdout.strip().endswith("closed"), res.stdout
 
 
-def load(lab, seconds: float, resume: bool = False) -> subprocess.Popen:
+def load(lab, seconds: float, resume: bool = False, *extra: str) -> subprocess.Popen:
     argv = [sys.executable, KSLOAD, "--host", VIP, "--port", str(PORT), "--duration", str(seconds),
-            "--concurrency", "2", "--timeout", "3", "--pause", "0.02"] + (["--resume"] if resume else [])
+            "--concurrency", "2", "--timeout", "3", "--pause", "0.02", *extra] + (["--resume"] if resume else [])
     return lab.popen("client1", argv)
 
 
@@ -95,26 +131,93 @@ def report(proc: subprocess.Popen) -> dict:
     return json.loads(out)
 
 
-def test_one_key_server_stops_handshakes_recover_within_5s(ks):
-    proc = load(ks, 14)
+def fail_one_key_server(lab, fail, undo, what):
+    """Bounded handshake load; ks1 (every tunnel's first choice) fails 4 s in.
+    Returns the recovery time: every handshake started later succeeded."""
+    proc = load(lab, 16)
     time.sleep(4)
-    stopped_at = time.time()
-    ks.run("ks1", ["systemctl", "stop", TUNNEL])
+    event = time.time()
+    fail()
     try:
         r = report(proc)
     finally:
-        ks.run("ks1", ["systemctl", "start", TUNNEL])
-    t_stop = stopped_at - r["start_epoch"]
-    failures_after = [e[0] for e in r["timeline"] if not e[1] and e[0] >= t_stop - 0.5]
-    recovery = (max(failures_after) - t_stop) if failures_after else 0.0
-    ok_late = [e for e in r["timeline"] if e[1] and e[0] > t_stop + 5]
-    print(f"\nkey server ks1 stopped under load: {len(failures_after)} failed handshakes, "
-          f"recovered {max(recovery, 0):.2f} s after the stop; {r['ok']} ok in total")
-    # Issue #6 targets 5 s; measured 2.6 s and 8.0 s in two runs on a shared
-    # 2-core machine (printed above). The assertion holds the property that it
-    # recovers by itself; the 5 s target is tracked by the printed figure.
-    assert recovery < 15, r["errors"]
+        undo()
+    rec = recovery(r, event)
+    failed = [e for e in r["timeline"] if not e[1] and e[0] >= event - r["start_epoch"] - 0.5]
+    print(f"\nkey server ks1 {what} under load: {len(failed)} failed handshakes {r['errors']}, "
+          f"recovered {rec:.2f} s after the event (target 5 s); {r['ok']} ok in total")
+    ok_late = [e for e in r["timeline"] if e[1] and e[0] > event - r["start_epoch"] + rec]
     assert ok_late, "handshakes succeed again after the failover"
+    return rec
+
+
+def test_one_key_server_stops_handshakes_recover(ks):
+    rec = fail_one_key_server(ks, lambda: ks.run("ks1", ["systemctl", "stop", TUNNEL]),
+                              lambda: ks.run("ks1", ["systemctl", "start", TUNNEL]), "stopped")
+    # Issue #6 targets 5 s: the printed figure tracks it (2.6 s and 8.0 s on a
+    # loaded 2-core machine); the bound holds the property that the L7 nodes
+    # recover by themselves, without a restart by hand.
+    assert rec < 15
+
+
+def test_frozen_key_server_handshakes_recover(ks):
+    """A hard failure: connections to ks1 hang instead of being reset."""
+    rec = fail_one_key_server(ks, lambda: ks.control("freeze", "ks1"), lambda: ks.control("thaw", "ks1"), "frozen")
+    assert rec < 15
+
+
+def test_rotation_under_load_fails_no_handshake(ks, tmp_path):
+    """playbooks/certificates.yml rotates the RSA certificate of https-web to a
+    new name (new token object, nginx switched, old object pruned) and back,
+    under an RSA-only handshake load: 0 failed handshakes."""
+    model = lab_model()
+    https = next(lst for lst in model["openclb_listeners"] if lst["name"] == "https-web")
+    rsa = next(c for c in https["certificates"] if "rsa" in c["name"])
+    original, rotated = rsa["name"], rsa["name"] + "-rotated"
+    rsa["name"] = rotated
+    extra = tmp_path / "rotated.json"
+    extra.write_text(json.dumps({"openclb_listeners": model["openclb_listeners"]}))
+    material = REPO / ".cache" / "tls" / model["openclb_cluster"]["name"]
+    stop = tmp_path / "stop"  # client1 is a namespace on this host: it sees the file
+    proc = load(ks, 900, False, "--tls", "1.2", "--ciphers", "ECDHE-RSA-AES128-GCM-SHA256", "--stop-file", str(stop))
+    try:
+        time.sleep(3)
+        for step, args in (("rotate", ["-e", f"@{extra}"]), ("rotate back", [])):
+            rc, out = playbook("playbooks/certificates.yml", "-e", "openclb_tls_generate=true", *args, timeout=1200)
+            assert rc == 0, f"{step}: {out[-3000:]}"
+            expected = fingerprint(material / f"{rotated if step == 'rotate' else original}.crt")
+            assert served_rsa_fingerprint(ks) == expected, f"{step}: nginx does not serve the new certificate"
+            # The new object is in the token, the one rotated away is pruned.
+            away = original if step == "rotate" else rotated
+            assert away not in token_objects(ks, model), f"{step}: {away} was not pruned from the token"
+            assert (rotated if step == "rotate" else original) in token_objects(ks, model)
+    finally:
+        stop.touch()
+        r = report(proc)
+    print(f"\ncertificate rotation {original} -> {rotated} -> {original} under load: "
+          f"{r['ok']} handshakes ok, {r['failed']} failed {r['errors']}")
+    assert r["ok"] > 0 and r["failed"] == 0, r["errors"]
+
+
+def fingerprint(cert_path) -> str:
+    return subprocess.run(["openssl", "x509", "-noout", "-fingerprint", "-sha256", "-in", str(cert_path)],
+                          capture_output=True, text=True, check=True).stdout.strip()
+
+
+def served_rsa_fingerprint(lab) -> str:
+    return lab.sh("client1", f"echo | timeout 10 openssl s_client -connect {VIP}:{PORT} -tls1_2 "
+                             "-cipher ECDHE-RSA-AES128-GCM-SHA256 2>/dev/null "
+                             "| openssl x509 -noout -fingerprint -sha256").strip()
+
+
+def token_objects(lab, model) -> set[str]:
+    """Names of the key objects in ks1's token (the role's own tool, PIN on stdin)."""
+    pin = yaml.safe_load((REPO / "inventories/lab/group_vars/all/lab.yml").read_text())["openclb_keyserver_token_pin"]
+    out = lab.sh("ks1", ["env", "SOFTHSM2_CONF=/etc/openclb/keyserver/softhsm2.conf", "/usr/local/sbin/openclb-keystore",
+                         "--token", f"openclb-{model['openclb_cluster']['name']}",
+                         "--module", "/usr/lib/softhsm/libsofthsm2.so", "list"],
+                 stdin=json.dumps({"pin": pin}))
+    return {o["name"] for o in json.loads(out)["objects"]}
 
 
 def test_both_key_servers_down_then_back(ks):

@@ -16,15 +16,11 @@ slow ones (a playbook run takes minutes on a loaded 2-core machine).
 from __future__ import annotations
 
 import json
-import os
 import re
-import subprocess
 import time
-from pathlib import Path
 
 import pytest
-import yaml
-from conftest import REPO, require_hosts
+from conftest import REPO, lab_model, playbook, recap_changed, require_hosts, write_vars
 
 pytestmark = pytest.mark.lab
 
@@ -32,7 +28,6 @@ HOSTS = ["lvs1", "lvs2", "be1", "be2", "be3", "client1", "client2"]
 VIP = "203.0.113.10"
 CLIENT = str(REPO / "tests/lab/l4_client.py")
 BACKEND_IP = {"be1": "10.99.0.41", "be2": "10.99.0.42", "be3": "10.99.0.43"}
-PLAYBOOK = os.environ.get("OPENCLB_ANSIBLE_PLAYBOOK", str(Path(os.sys.executable).with_name("ansible-playbook")))
 
 
 @pytest.fixture(scope="module")
@@ -72,28 +67,6 @@ def ipvs_table(lab, node):
 def shares(counts):
     total = sum(counts.values())
     return {k: 100.0 * v / total for k, v in counts.items()}
-
-
-def playbook(*args, timeout=900):
-    """Run ansible-playbook against the lab; returns (rc, output)."""
-    env = dict(os.environ, ANSIBLE_CONFIG=str(REPO / "ansible.cfg"), ANSIBLE_NOCOLOR="1", ANSIBLE_FORCE_COLOR="0")
-    p = subprocess.run([PLAYBOOK, "-i", str(REPO / "inventories/lab"), *args], cwd=REPO, env=env,
-                       capture_output=True, text=True, timeout=timeout)
-    return p.returncode, p.stdout + p.stderr
-
-
-def recap_changed(output):
-    return {m.group(1): int(m.group(2)) for m in re.finditer(r"^(\S+)\s+: ok=\d+\s+changed=(\d+)", output, re.M)}
-
-
-def lab_model():
-    return yaml.safe_load((REPO / "inventories/lab/group_vars/all/openclb.yml").read_text())
-
-
-def write_vars(tmp_path, model):
-    path = tmp_path / "model.json"
-    path.write_text(json.dumps({k: model[k] for k in ("openclb_server_groups", "openclb_listeners")}))
-    return f"@{path}"
 
 
 # ---------------------------------------------------------------------------

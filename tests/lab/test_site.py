@@ -5,42 +5,10 @@ tests/lab/run.sh converges site.yml once before this runs. Check mode with
 diff and change nothing); the L7 role's check mode is tests/host's.
 """
 
-import json
-import os
-import re
-import subprocess
-from pathlib import Path
-
 import pytest
+from conftest import playbook, recap_changed, require_hosts
 
-REPO = Path(__file__).resolve().parents[2]
-BIN = REPO / ".venv" / "bin"
 pytestmark = pytest.mark.lab
-
-
-def lab_is_up() -> bool:
-    res = subprocess.run([str(BIN / "openclb-lab"), "status", "--json"], capture_output=True, text=True, check=False)
-    try:
-        return any(r["state"] == "running" for r in json.loads(res.stdout))
-    except ValueError:
-        return False
-
-
-@pytest.fixture(scope="module", autouse=True)
-def lab():
-    if not lab_is_up():
-        pytest.skip(f"lab {os.environ.get('OPENCLB_LAB_NAME', 'openclb')} is not up: run tests/lab/run.sh")
-
-
-def converge(*extra: str) -> tuple[str, dict[str, int]]:
-    env = dict(os.environ, ANSIBLE_CONFIG=str(REPO / "ansible.cfg"), ANSIBLE_FORCE_COLOR="0",
-               PATH=f"{BIN}:{os.environ['PATH']}")
-    res = subprocess.run([str(BIN / "ansible-playbook"), "-i", "inventories/lab", "site.yml", *extra],
-                         capture_output=True, text=True, cwd=REPO, env=env, timeout=1800, check=False)
-    assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-2000:]
-    changed = {m.group(1): int(m.group(2)) for m in re.finditer(r"^(\S+)\s+: ok=\d+\s+changed=(\d+)", res.stdout, re.M)}
-    assert changed, "no PLAY RECAP in the output"
-    return res.stdout, changed
 
 
 def changed_tasks(output: str) -> list[str]:
@@ -54,6 +22,10 @@ def changed_tasks(output: str) -> list[str]:
     return tasks
 
 
-def test_second_converge_changes_nothing():
-    output, changed = converge()
+def test_second_converge_changes_nothing(lab):
+    require_hosts(lab, ["lvs1", "lvs2", "l7-1", "l7-2", "ks1", "ks2", "be1", "be2", "be3"])
+    rc, output = playbook("site.yml", timeout=1800)
+    assert rc == 0, output[-4000:]
+    changed = recap_changed(output)
+    assert changed, "no PLAY RECAP in the output"
     assert sum(changed.values()) == 0, changed_tasks(output)
