@@ -296,6 +296,7 @@ class Chain:
         wd = {"pid_file": os.path.join(d, "nginx.pid"), "nginx": "/usr/sbin/nginx",
               "error_log": os.path.join(d, "error.log"), "interval": 0.25, "probe_timeout": 1.0,
               "probe_failures": 2, "min_restart_interval": 1.0, "max_backoff": 2.0, "old_worker_grace": 3.0,
+              "tunnel_config": os.path.join(d, "stunnel.conf"),
               "probes": [{"host": self.addr("cl", "l7"), "port": LISTENERS[n][0]} for n in ("rsa-ks", "ec-ks")]}
         with open(os.path.join(d, "watchdog.json"), "w") as f:
             json.dump(wd, f)

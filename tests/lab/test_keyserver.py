@@ -120,9 +120,9 @@ def test_unlisted_address_cannot_reach_the_tunnel(ks):
     assert res.stdout.strip().endswith("closed"), res.stdout
 
 
-def load(lab, seconds: float, resume: bool = False, *extra: str) -> subprocess.Popen:
+def load(lab, seconds: float, resume: bool = False, *extra: str, timeout: float = 3) -> subprocess.Popen:
     argv = [sys.executable, KSLOAD, "--host", VIP, "--port", str(PORT), "--duration", str(seconds),
-            "--concurrency", "2", "--timeout", "3", "--pause", "0.02", *extra] + (["--resume"] if resume else [])
+            "--concurrency", "2", "--timeout", str(timeout), "--pause", "0.02", *extra] + (["--resume"] if resume else [])
     return lab.popen("client1", argv)
 
 
@@ -131,38 +131,63 @@ def report(proc: subprocess.Popen) -> dict:
     return json.loads(out)
 
 
-def fail_one_key_server(lab, fail, undo, what):
-    """Bounded handshake load; ks1 (every tunnel's first choice) fails 4 s in.
-    Returns the recovery time: every handshake started later succeeded."""
-    proc = load(lab, 16)
+KEY_SERVERS = {"10.99.0.31": "ks1", "10.99.0.32": "ks2"}
+
+
+def key_server_in_use(lab) -> str:
+    """The key server most tunnel connections of the L7 nodes go to (an earlier
+    failover may have moved them off ks1, the first choice)."""
+    peers = []
+    for node in ("l7-1", "l7-2"):
+        out = lab.sh(node, "ss -Htn state established dport = :2407")
+        peers += [KEY_SERVERS[line.split()[-1].rsplit(":", 1)[0]] for line in out.splitlines() if line.strip()]
+    assert peers, "no tunnel connection from the L7 nodes to a key server"
+    return max(set(peers), key=peers.count)
+
+
+def fail_key_server_in_use(lab, fail, undo, what):
+    """Bounded handshake load; the key server in use fails 4 s in. Returns the
+    recovery time: every handshake started later succeeded. The clients wait
+    up to 10 s, as browsers do: while an L7 node swaps its nginx master, new
+    connections wait in the listen backlog instead of failing."""
+    victim = key_server_in_use(lab)
+    proc = load(lab, 16, timeout=10)
     time.sleep(4)
-    event = time.time()
-    fail()
+    before = time.time()
+    fail(victim)
+    event = time.time()  # the command has returned: the key server is down
     try:
         r = report(proc)
     finally:
-        undo()
+        undo(victim)
     rec = recovery(r, event)
-    failed = [e for e in r["timeline"] if not e[1] and e[0] >= event - r["start_epoch"] - 0.5]
-    print(f"\nkey server ks1 {what} under load: {len(failed)} failed handshakes {r['errors']}, "
-          f"recovered {rec:.2f} s after the event (target 5 s); {r['ok']} ok in total")
+    since = before - r["start_epoch"] - 0.5
+    failed = [e for e in r["timeline"] if not e[1] and e[0] >= since]
+    slowest = max((e[2] for e in r["timeline"] if e[1] and e[0] >= since), default=0)
+    # The failure happens somewhere inside the command (seconds on a loaded
+    # machine): recovery is printed from both of its ends, asserted from the end.
+    print(f"\nkey server {victim} {what} under load: {len(failed)} failed handshakes {r['errors']}; every "
+          f"handshake started {rec:.2f} s after the command returned ({recovery(r, before):.2f} s after it "
+          f"started, it took {event - before:.1f} s) succeeded (target 5 s); slowest successful handshake "
+          f"{slowest:.2f} s; {r['ok']} ok in total")
     ok_late = [e for e in r["timeline"] if e[1] and e[0] > event - r["start_epoch"] + rec]
     assert ok_late, "handshakes succeed again after the failover"
     return rec
 
 
 def test_one_key_server_stops_handshakes_recover(ks):
-    rec = fail_one_key_server(ks, lambda: ks.run("ks1", ["systemctl", "stop", TUNNEL]),
-                              lambda: ks.run("ks1", ["systemctl", "start", TUNNEL]), "stopped")
-    # Issue #6 targets 5 s: the printed figure tracks it (2.6 s and 8.0 s on a
-    # loaded 2-core machine); the bound holds the property that the L7 nodes
-    # recover by themselves, without a restart by hand.
+    rec = fail_key_server_in_use(ks, lambda h: ks.run(h, ["systemctl", "stop", TUNNEL]),
+                                 lambda h: ks.run(h, ["systemctl", "start", TUNNEL]), "stopped")
+    # Issue #6 targets 5 s: the printed figure tracks it; the bound holds the
+    # property that the L7 nodes recover by themselves, without a restart by
+    # hand, also on a loaded 2-core machine where a new nginx master needs
+    # seconds to load its keys.
     assert rec < 15
 
 
 def test_frozen_key_server_handshakes_recover(ks):
-    """A hard failure: connections to ks1 hang instead of being reset."""
-    rec = fail_one_key_server(ks, lambda: ks.control("freeze", "ks1"), lambda: ks.control("thaw", "ks1"), "frozen")
+    """A hard failure: connections to the key server hang instead of being reset."""
+    rec = fail_key_server_in_use(ks, lambda h: ks.control("freeze", h), lambda h: ks.control("thaw", h), "frozen")
     assert rec < 15
 
 
