@@ -293,47 +293,6 @@ def test_halted_master(cluster):
     assert_no_flap(report, master, peer)
 
 
-def test_conntrack_state_is_replicated(cluster):
-    """conntrackd FTFW: NAT flows are tracked on the MASTER and sit in the
-    BACKUP's external cache, ready for the commit on takeover (docs/ha.md)."""
-    master = settled_master()
-    backup = next(h for h in LVS if h != master)
-    if "active" not in on(master, "systemctl is-active conntrackd", check=False):
-        pytest.fail(f"conntrackd not running on {master}")
-    held = 20
-    driver = subprocess.Popen(
-        [LAB_BIN, "exec", "client1", "--", "python3", str(HERE / "ha_traffic.py"),
-         "--hold", f"nat={NAT}:{held}", "--duration", "15"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )
-    try:
-        vip, port = NAT.split(":")
-
-        def count(text):
-            return sum(1 for line in text.splitlines()
-                       if "ESTABLISHED" in line and f"dst={vip} " in line and f"dport={port} " in line)
-
-        def sample():
-            kernel = count(on(master, f"conntrack -L -p tcp -d {vip} 2>/dev/null", check=False))
-            external = count(on(backup, "conntrackd -C /etc/conntrackd/conntrackd.conf -e", check=False))
-            return (kernel, external) if kernel >= held and external >= held else None
-
-        try:
-            kernel, external = wait_for(f"{held} NAT flows in {master}'s conntrack and {backup}'s external cache",
-                                        sample, 12)
-        except AssertionError:
-            stats = on(backup, "conntrackd -C /etc/conntrackd/conntrackd.conf -s", check=False)
-            raise AssertionError(f"not replicated: {master} kernel / {backup} external cache "
-                                 f"{count(on(master, f'conntrack -L -p tcp -d {vip} 2>/dev/null', check=False))} / "
-                                 f"{count(on(backup, 'conntrackd -C /etc/conntrackd/conntrackd.conf -e', check=False))}"
-                                 f"\n{stats}") from None
-        print(f"\n{held} held NAT connections: {kernel} ESTABLISHED conntrack entries on {master} (MASTER), "
-              f"{external} in {backup}'s conntrackd external cache")
-    finally:
-        out, err = driver.communicate(timeout=60)
-    assert driver.returncode == 0, err
-
-
 def set_advert(value):
     """advert_int on both nodes for a run (keepalived.conf edited in place and
     reloaded; the role's next run restores the model's value). While the two
