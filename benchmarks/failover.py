@@ -31,18 +31,9 @@ import test_ha as ha  # noqa: E402  (the lab test's traffic and failure helpers)
 
 SCENARIOS = {
     "stop": (lambda h: ha.on(h, "systemctl stop keepalived"), lambda h: ha.on(h, "systemctl start keepalived"), 30),
-    "freeze": (lambda h: ha.lab("freeze", h), lambda h: ha.lab("thaw", h), 35),
-    "halt": (lambda h: ha.lab("halt", h), ha.boot, 90),
+    "freeze": (lambda h: ha.cli("freeze", h), lambda h: ha.cli("thaw", h), 35),
+    "halt": (lambda h: ha.cli("halt", h), ha.boot, 90),
 }
-
-
-def set_advert(value):
-    for host in ha.LVS:
-        ha.on(
-            host,
-            f"sed -i -E 's/^( *advert_int ).*/\\1{value}/' /etc/keepalived/keepalived.conf"
-            " && systemctl reload keepalived",
-        )
 
 
 def main():
@@ -56,7 +47,7 @@ def main():
     rows = []
     try:
         for advert in args.advert_int.split(","):
-            set_advert(advert)
+            ha.set_advert(advert)
             for name in args.scenarios.split(","):
                 fail, recover, duration = SCENARIOS[name]
                 report, master, peer, _ = ha.run_scenario(fail, recover, duration)
@@ -76,7 +67,7 @@ def main():
                 print(rows[-1], flush=True)
                 ha.settled_master()
     finally:
-        set_advert(original)
+        ha.set_advert(original)
     print(
         f"\nfailover, {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC, "
         f"{args.held} NAT + {args.held} DR held connections, sync_threshold 3 50, nopreempt"

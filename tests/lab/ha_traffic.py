@@ -11,6 +11,8 @@ tests/lab/ha_traffic.py ...`), standard library only, bounded by --duration.
                                  (GET, Connection: close); the longest gap
                                  between two successful probes is the
                                  failover time for new connections
+    --stop FILE                  end early once FILE exists (--duration
+                                 stays the bound)
 
 Prints one JSON document: per hold group the connections that were still
 answering at the end, the ones that failed (reset / closed / stalled) with
@@ -21,6 +23,7 @@ the longest gap between successes and when it happened.
 import argparse
 import errno
 import json
+import os
 import selectors
 import socket
 import time
@@ -70,8 +73,9 @@ def main():
     ap.add_argument("--probe-timeout", type=float, default=2.0)
     ap.add_argument("--duration", type=float, required=True)
     ap.add_argument("--mark", help="file: a line with the run's clock offset is written when all connections are up")
+    ap.add_argument("--stop", help="file: the run ends early once it exists")
     args = ap.parse_args()
-    duration = min(args.duration, 300.0)  # bounded, whatever the caller asks
+    duration = min(args.duration, 600.0)  # bounded, whatever the caller asks
 
     sel = selectors.DefaultSelector()
     held = []
@@ -86,7 +90,7 @@ def main():
 
     probes = {}
     probe_ok = []
-    probe_fail = 0
+    probe_fail = []  # start times (s from the run's start) of failed probes
     next_probe = time.monotonic()
     t0 = time.monotonic()
     wall0 = time.time()
@@ -103,7 +107,7 @@ def main():
 
     while True:
         now = time.monotonic()
-        if now >= end:
+        if now >= end or (args.stop and os.path.exists(args.stop)):
             break
         # held connections: send when due
         for h in held:
@@ -132,7 +136,7 @@ def main():
                 sel.unregister(s)
                 s.close()
                 del probes[s]
-                probe_fail += 1
+                probe_fail.append(st[0] - t0)
         for key, events in sel.select(timeout=0.01):
             h = key.data
             if h is None:  # a probe
@@ -155,12 +159,12 @@ def main():
                         if done:
                             probe_ok.append(time.monotonic() - t0)
                         else:
-                            probe_fail += 1
+                            probe_fail.append(st[0] - t0)
                         sel.unregister(s)
                         s.close()
                         del probes[s]
                 except OSError:
-                    probe_fail += 1
+                    probe_fail.append(st[0] - t0)
                     sel.unregister(s)
                     s.close()
                     del probes[s]
@@ -194,7 +198,7 @@ def main():
             args.mark = None
 
     now = time.monotonic()
-    out = {"duration": duration, "started": wall0, "groups": {}}
+    out = {"duration": round(now - t0, 3), "started": wall0, "groups": {}}
     for h in held:
         g = out["groups"].setdefault(
             h.group, {"count": 0, "alive": 0, "failed": [], "max_stall": 0.0, "eligible": 0, "eligible_alive": 0}
@@ -215,7 +219,8 @@ def main():
         top = sorted(range(len(gaps)), key=gaps.__getitem__, reverse=True)[:3]
         out["probe"] = {
             "ok": len(probe_ok),
-            "failed": probe_fail,
+            "failed": len(probe_fail),
+            "failed_at": [round(t, 3) for t in probe_fail],
             "max_gap": round(gaps[worst], 3) if gaps else None,
             "max_gap_at": round(probe_ok[worst], 3) if gaps else None,
             # the three longest gaps: [start (s from the run's start), length]

@@ -50,4 +50,4 @@ echo ">> converged in $(( $(date +%s) - start )) s"
 step "4/4 lab tests against the converged lab"
 # Idempotence first (right after the converge), failure injection last.
 pytest_lab tests/lab/test_site.py tests/lab/test_demo.py tests/lab/test_l4.py tests/lab/test_l7.py \
-  tests/lab/test_keyserver.py tests/lab/test_ha.py
+  tests/lab/test_keyserver.py tests/lab/test_ha.py tests/lab/test_rolling_upgrade.py
