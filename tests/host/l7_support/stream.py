@@ -1,8 +1,9 @@
 """Bounded request stream for the L7 host tests and the benchmark (stdlib).
 
-    stream.py URL [--host H] [--count N] [--seconds S] [--workers W] [--keepalive]
+    stream.py URL [--host H] [--count N] [--seconds S] [--workers W] [--keepalive] [--stop-file F]
 
-Stops after N requests or S seconds, whichever comes first. Prints JSON:
+Stops after N requests or S seconds, whichever comes first (or as soon as
+file F exists: a caller ends a stream whose length it cannot know). Prints JSON:
 {"ok", "failed", "errors": {...}, "backends": {...}, "seconds", "rps"}.
 A request fails on any exception or a status >= 500. With --keepalive, a
 request on a reused connection that the server closed before answering is
@@ -16,6 +17,7 @@ import argparse
 import collections
 import http.client
 import json
+import os
 import threading
 import time
 from urllib.parse import urlsplit
@@ -29,6 +31,7 @@ def main():
     p.add_argument("--seconds", type=float, default=30)
     p.add_argument("--workers", type=int, default=4)
     p.add_argument("--keepalive", action="store_true")
+    p.add_argument("--stop-file")
     a = p.parse_args()
     url = urlsplit(a.url)
     path = url.path or "/"
@@ -45,6 +48,8 @@ def main():
         while True:
             with lock:
                 if state["sent"] >= a.count or time.monotonic() > deadline:
+                    break
+                if a.stop_file and os.path.exists(a.stop_file):
                     break
                 state["sent"] += 1
             try:

@@ -100,7 +100,7 @@ def broken_lab(tmp_path):
 def test_validate_play_passes_on_the_lab_model(collections_path):
     res = run_playbook(collections_path, LAB, os.path.join(ROOT, "playbooks", "validate.yml"), "--check", "-v")
     assert res.returncode == 0, res.stdout + res.stderr
-    assert "model lab is valid: 4 tcp, 1 udp, 2 http, 1 https; 8 IPVS services, 21 real servers, 3 VIPs" in res.stdout
+    assert "model lab is valid: 5 tcp, 1 udp, 3 http, 2 https; 11 IPVS services, 26 real servers, 3 VIPs" in res.stdout
     assert "ok=2    changed=0" in res.stdout
 
 
@@ -124,7 +124,7 @@ def test_limit_cannot_skip_validation_and_every_host_gets_the_model(collections_
     site.write_text(SITE.format(validate=os.path.join(ROOT, "playbooks", "validate.yml")))
     res = run_playbook(collections_path, LAB, str(site), "--limit", "l7-2")
     assert res.returncode == 0, res.stdout + res.stderr
-    assert "l7-2 sees http-redirect,http-web,https-web" in res.stdout
+    assert "l7-2 sees http-redirect,http-rewrite,http-web,https-strict,https-web" in res.stdout
     res = run_playbook(collections_path, broken_lab, str(site), "--limit", "l7-2")
     assert res.returncode == 2, res.stdout + res.stderr
     assert "listeners[tcp-web].health_check.interval: 0 is out of range 1-50" in res.stdout
@@ -168,5 +168,6 @@ def test_filter_in_a_play_resolves_templated_hostvars(collections_path, tmp_path
     assert res.returncode == 0, res.stdout + res.stderr
     # sorted by VIP, transport, port
     assert (
-        "tcp-web,tcp-persist,tcp-acl,udp-echo,http-web,https-web,http-redirect,dr-web 10.99.0.41,10.99.0.42,10.99.0.43"
+        "tcp-web,tcp-persist,tcp-acl,tcp-single,udp-echo,http-web,https-web,http-redirect,http-rewrite,https-strict,dr-web "
+        "10.99.0.41,10.99.0.42,10.99.0.43"
     ) in res.stdout
