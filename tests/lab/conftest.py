@@ -55,15 +55,29 @@ def lab_cli():
 
 
 class Lab:
-    """`openclb-lab exec` with a timeout on every call."""
+    """What `openclb-lab exec` runs, with a timeout on every call.
+
+    `openclb-lab exec` reads the inventory (ansible-inventory) on every call,
+    1-8 s on a loaded 2-core machine; the tests make hundreds of calls, so the
+    topology is read once here and openclb_lab's own Lab builds each argv (the
+    same ssh options and client namespaces).
+    """
 
     def __init__(self, cli):
         self.cli = cli
         self.name = os.environ.get("OPENCLB_LAB_NAME", "openclb")
+        self._lab = None
+
+    def argv(self, host, cmd):
+        if self._lab is None:
+            from openclb_lab import topology
+            from openclb_lab.lab import Lab as LabCLI
+
+            self._lab = LabCLI(topology.load(REPO / "inventories/lab"))
+        return self._lab.exec_argv(host, ["sh", "-c", cmd] if isinstance(cmd, str) else list(cmd))
 
     def run(self, host, cmd, timeout=60, check=True, stdin=None):
-        argv = [self.cli, "exec", host, "--", *(["sh", "-c", cmd] if isinstance(cmd, str) else cmd)]
-        p = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, input=stdin)
+        p = subprocess.run(self.argv(host, cmd), capture_output=True, text=True, timeout=timeout, input=stdin)
         if check and p.returncode != 0:
             raise AssertionError(f"{host}: {cmd!r} failed ({p.returncode}): {p.stderr.strip()[-2000:]}")
         return p
@@ -72,8 +86,7 @@ class Lab:
         return self.run(host, cmd, **kw).stdout
 
     def popen(self, host, argv):
-        return subprocess.Popen([self.cli, "exec", host, "--", *argv], stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True)
+        return subprocess.Popen(self.argv(host, argv), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
     def control(self, *args, timeout=120):
         """openclb-lab itself: freeze/thaw/halt/boot/cut/restore HOST."""

@@ -36,7 +36,7 @@ import pytest
 import test_ha as ha
 from conftest import REPO, require_hosts
 
-pytestmark = pytest.mark.lab
+pytestmark = [pytest.mark.lab, pytest.mark.slow]
 
 HERE = Path(__file__).resolve().parent
 LVS = ha.LVS
