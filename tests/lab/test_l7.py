@@ -22,17 +22,14 @@ are not running; a running lab that is wrong fails.
 from __future__ import annotations
 
 import json
-import os
 import re
 import shlex
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
-import yaml
-from conftest import REPO, require_hosts
+from conftest import REPO, lab_model, playbook, require_hosts
 
 pytestmark = pytest.mark.lab
 
@@ -47,7 +44,6 @@ UNIT = "openclb-l7test-backend"
 BACKEND_PY = REPO / "tests/host/l7_support/backend.py"
 STREAM = REPO / "tests/host/l7_support/stream.py"
 TLS_DIR = REPO / ".cache/tls/lab"  # playbooks/certificates.yml (lab: self-signed, each its own CA)
-PLAYBOOK = os.environ.get("OPENCLB_ANSIBLE_PLAYBOOK", str(Path(sys.executable).with_name("ansible-playbook")))
 # http-web's health_check in the lab model
 INTERVAL, UNHEALTHY, HEALTHY = 1, 2, 2
 
@@ -115,13 +111,6 @@ def headers_and_body(out):
 
 def set_cookies(head):
     return dict(re.findall(r"(?im)^set-cookie: ([^=]+)=([^;\r\n]*)", head))
-
-
-def playbook(*args, timeout=900):
-    env = dict(os.environ, ANSIBLE_CONFIG=str(REPO / "ansible.cfg"), ANSIBLE_NOCOLOR="1", ANSIBLE_FORCE_COLOR="0")
-    p = subprocess.run([PLAYBOOK, "-i", str(REPO / "inventories/lab"), *args], cwd=REPO, env=env,
-                       capture_output=True, text=True, timeout=timeout)
-    return p.returncode, p.stdout + p.stderr
 
 
 def nginx_pid(lab, node):
@@ -396,7 +385,7 @@ def test_websocket_echo_through_the_chain(l7):
 @pytest.mark.slow
 def test_config_change_under_load_loses_no_request(l7, tmp_path):
     """A rule added and removed again with playbooks/l7.yml, under two bounded request streams."""
-    model = yaml.safe_load((REPO / "inventories/lab/group_vars/all/openclb.yml").read_text())
+    model = lab_model()
     web = next(li for li in model["openclb_listeners"] if li["name"] == "http-web")
     web["rules"].append({"path": "/new", "server_group": "api"})
     extra = tmp_path / "model.json"
@@ -432,7 +421,7 @@ def test_config_change_under_load_loses_no_request(l7, tmp_path):
 @pytest.mark.slow
 def test_rejected_config_fails_the_play_and_keeps_the_old_one(l7, tmp_path):
     """An https listener whose certificate and key do not match: nginx -t refuses, the play fails with its words."""
-    model = yaml.safe_load((REPO / "inventories/lab/group_vars/all/openclb.yml").read_text())
+    model = lab_model()
     model["openclb_listeners"].append({
         "name": "https-broken", "protocol": "https", "vip": VIP, "port": 9443, "server_group": "web-even",
         "certificates": [{"name": "broken", "domains": ["broken.lab.example"], "key_store": "local"}]})
