@@ -91,11 +91,31 @@ class Lab:
         host = self.host(name)
         if host.client:
             return in_netns(self.client_ns(host), cmd or [os.environ.get("SHELL", "/bin/bash")])
+        self.ensure_master(host)
         remote = " ".join(shlex.quote(c) for c in cmd)
         return self.ssh_args(host, batch=not tty) + (["-t"] if tty else []) + ([remote] if remote else [])
 
+    def ensure_master(self, host: Host) -> None:
+        """Start the guest's ssh ControlMaster, if none runs, with /dev/null as its stdin.
+
+        The ssh that becomes the master sets O_NONBLOCK on the stdin it was
+        handed and keeps it (it outlives the call): on an inherited stdin that
+        flag lands on the caller's file, and every later ansible command there
+        fails with "Ansible requires blocking IO on stdin". Callers' own ssh
+        then only ever runs as a client of this master."""
+        args = self.ssh_args(host)
+        if subprocess.run(args[:-1] + ["-O", "check", args[-1]], stdin=subprocess.DEVNULL,
+                          capture_output=True, check=False).returncode == 0:
+            return
+        try:
+            subprocess.run(args + ["true"], stdin=subprocess.DEVNULL, capture_output=True, timeout=30, check=False)
+        except subprocess.TimeoutExpired:
+            pass  # the guest is not answering (yet): the caller's own ssh reports it
+
     def ssh_ready(self, host: Host) -> bool:
-        res = subprocess.run(self.exec_argv(host.name, ["true"]), capture_output=True, timeout=30, check=False)
+        self.ensure_master(host)
+        res = subprocess.run(self.ssh_args(host) + ["true"], stdin=subprocess.DEVNULL, capture_output=True,
+                             timeout=30, check=False)
         return res.returncode == 0
 
     # ---- network -----------------------------------------------------------

@@ -30,7 +30,8 @@ def load_model(inventory: Path) -> dict:
     env = dict(os.environ, ANSIBLE_LOAD_CALLBACK_PLUGINS="1", ANSIBLE_STDOUT_CALLBACK="ansible.builtin.json",
                ANSIBLE_CONFIG=str(REPO / "ansible.cfg"), PATH=f"{venv_bin}:{os.environ.get('PATH', '')}")
     res = subprocess.run([str(venv_bin / "ansible"), "-i", str(inventory), "localhost", "-m", "ansible.builtin.debug",
-                          "-a", f"msg={MODEL_EXPR}"], capture_output=True, text=True, env=env, cwd=REPO, check=False)
+                          "-a", f"msg={MODEL_EXPR}"], capture_output=True, text=True, env=env, cwd=REPO, check=False,
+                         stdin=subprocess.DEVNULL)
     try:
         out = json.loads(res.stdout)
         result = out["plays"][0]["tasks"][0]["hosts"]["localhost"]
@@ -62,7 +63,8 @@ def run_traffic(lab: Lab, inventory: Path, count: int, client: str, json_path: P
             sys.executable, "-m", "openclb_lab.probe", lst["protocol"], lst["vip"], str(lst["port"]),
             "--count", str(count), "--names", ",".join(backend_names)])
         # no Host header of a rule: the listener's default server group answers
-        res = subprocess.run(argv, capture_output=True, text=True, timeout=count * 10 + 60, check=False)
+        res = subprocess.run(argv, capture_output=True, text=True, timeout=count * 10 + 60, check=False,
+                             stdin=subprocess.DEVNULL)
         try:
             result = json.loads(res.stdout)
         except ValueError:

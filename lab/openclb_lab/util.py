@@ -43,6 +43,8 @@ def run(cmd: list[str], check: bool = True, quiet: bool = False, progress: str |
             sys.stderr.write("".join(tail))
             raise subprocess.CalledProcessError(rc, cmd)
         return subprocess.CompletedProcess(cmd, rc)
+    if "input" not in kw:
+        kw.setdefault("stdin", subprocess.DEVNULL)
     res = subprocess.run(cmd, capture_output=True, text=True, check=False, **kw)
     if check and res.returncode:
         if not quiet:

@@ -55,7 +55,10 @@ STATUS = "/usr/local/sbin/openclb-ha-notify status"
 
 
 def cli(*args, timeout=180, check=True):
-    return subprocess.run([LAB_BIN, *args], capture_output=True, text=True, timeout=timeout, check=check)
+    p = subprocess.run([LAB_BIN, *args], capture_output=True, text=True, timeout=timeout, check=False)
+    if check and p.returncode:
+        raise AssertionError(f"openclb-lab {' '.join(args)} failed ({p.returncode}): {p.stderr.strip()[-2000:]}")
+    return p
 
 
 def on(host, command, check=True, timeout=60):
