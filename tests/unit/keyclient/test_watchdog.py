@@ -1,0 +1,109 @@
+"""openclb-keyclient-watchdog: reading the tunnel's connections, judging key servers in use."""
+
+import importlib.machinery
+import importlib.util
+import os
+
+import pytest
+
+SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "..",
+                      "roles", "keyclient", "files", "openclb-keyclient-watchdog")
+
+# /proc/net/tcp rows as the kernel writes them (header, then one row per socket)
+TCP = """  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode
+   0: 00000000:0050 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 1 1 0000000000000000 100 0 0 10 0
+   1: 0B00620A:A1C2 1F00620A:0967 01 00000000:00000000 02:000004D2 00000000   998        0 2 1 0000000000000000 20 4 30 10 -1
+   2: 0B00620A:A1C4 2000620A:0967 06 00000000:00000000 03:00000E50 00000000     0        0 0 3 0000000000000000
+"""
+TCP6 = """  sl  local_address                         remote_address                        st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode
+   0: 0000000000000000FFFF00000B00620A:B000 0000000000000000FFFF00002000620A:0967 01 00000000:00000000 00:00000000 00000000     0        0 3 1 0000000000000000 20 4 0 10 -1
+   1: 00000000000000000000000001000000:1F90 B80D0120000000000000000001000000:C350 01 00000000:00000000 00:00000000 00000000     0        0 4 1 0000000000000000 20 4 0 10 -1
+"""
+
+
+@pytest.fixture(scope="module")
+def wd():
+    loader = importlib.machinery.SourceFileLoader("openclb_keyclient_watchdog", SCRIPT)
+    spec = importlib.util.spec_from_loader(loader.name, loader)
+    module = importlib.util.module_from_spec(spec)
+    loader.exec_module(module)
+    return module
+
+
+def test_established_reads_ipv4_and_ipv6_tables(wd, tmp_path):
+    (tmp_path / "tcp").write_text(TCP)
+    (tmp_path / "tcp6").write_text(TCP6)
+    found = wd.established((str(tmp_path / "tcp"), str(tmp_path / "tcp6"), str(tmp_path / "missing")))
+    # the listening socket (0A) and the TIME_WAIT one (06) are not connections in use
+    assert found == {
+        ("10.98.0.11", 41410): ("10.98.0.31", 2407),
+        ("::ffff:10.98.0.11", 45056): ("10.98.0.32", 2407),  # v4-mapped peer, as the tunnel sees it
+        ("::1", 8080): ("2001:db8::1", 50000),
+    }
+
+
+@pytest.fixture
+def dog(wd, tmp_path, monkeypatch):
+    conf = tmp_path / "stunnel.conf"
+    conf.write_text("[openclb-keyclient]\nclient = yes\nconnect = 10.98.0.31:2407\nconnect = 10.98.0.32:2407\n")
+    (tmp_path / "error.log").write_text("")
+    answers = {}  # endpoint -> does it accept connections
+    checked = []
+
+    def reachable(endpoint, timeout):
+        checked.append(endpoint)
+        return answers.get(endpoint, True)
+
+    monkeypatch.setattr(wd, "reachable", reachable)
+    cfg = dict(wd.DEFAULTS, tunnel_config=str(conf), error_log=str(tmp_path / "error.log"), key_server_misses=2)
+    dog = wd.Watchdog(cfg)
+    dog.answers, dog.checked = answers, checked
+    return dog
+
+
+KS1, KS2 = ("10.98.0.31", 2407), ("10.98.0.32", 2407)
+
+
+def test_a_key_server_in_use_that_stops_answering_is_lost_after_the_misses(dog):
+    conns = {("10.98.0.21", 40001): KS1, ("10.98.0.21", 40002): KS1}
+    assert dog.dead_key_server(conns) == (None, [], False)
+    dog.answers[KS1] = False
+    assert dog.dead_key_server(conns) == (None, [], True)  # one miss: look again before the probes
+    reason, lost, pending = dog.dead_key_server(conns)
+    assert "10.98.0.31:2407" in reason and sorted(lost) == sorted(conns) and not pending
+
+
+def test_one_slow_answer_is_not_a_loss(dog):
+    conns = {("10.98.0.21", 40001): KS1}
+    dog.answers[KS1] = False
+    assert dog.dead_key_server(conns)[2] is True
+    dog.answers[KS1] = True
+    assert dog.dead_key_server(conns) == (None, [], False)
+    dog.answers[KS1] = False
+    assert dog.dead_key_server(conns) == (None, [], True)  # the count started again
+
+
+def test_key_servers_not_in_use_are_not_checked(dog):
+    dog.answers[KS2] = False
+    conns = {("10.98.0.21", 40001): KS1, ("10.98.0.21", 9000): ("203.0.113.10", 443)}
+    for _ in range(3):
+        assert dog.dead_key_server(conns) == (None, [], False)
+    assert set(dog.checked) == {KS1}
+
+
+def test_connections_an_upgrade_left_behind_do_not_count_again(dog):
+    old = {("10.98.0.21", 40001): KS1}
+    dog.answers[KS1] = False
+    dog.dead_key_server(old)
+    dog.blamed.update(dog.dead_key_server(old)[1])  # what step() does once the upgrade succeeded
+    # the old workers' connections hang on; the new ones went to ks2
+    now = {**old, ("10.98.0.21", 40005): KS2}
+    for _ in range(3):
+        assert dog.dead_key_server(now) == (None, [], False)
+    # a new connection to ks1 (say it came back, then froze again) counts
+    again = {**now, ("10.98.0.21", 40009): KS1}
+    dog.dead_key_server(again)
+    assert dog.dead_key_server(again)[0]
+    # and once the old connections are gone they are forgotten
+    dog.dead_key_server({})
+    assert not dog.blamed
