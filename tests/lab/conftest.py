@@ -77,7 +77,8 @@ class Lab:
         return self._lab.exec_argv(host, ["sh", "-c", cmd] if isinstance(cmd, str) else list(cmd))
 
     def run(self, host, cmd, timeout=60, check=True, stdin=None):
-        p = subprocess.run(self.argv(host, cmd), capture_output=True, text=True, timeout=timeout, input=stdin)
+        p = subprocess.run(self.argv(host, cmd), capture_output=True, text=True, timeout=timeout, input=stdin,
+                           stdin=subprocess.DEVNULL if stdin is None else None)
         if check and p.returncode != 0:
             raise AssertionError(f"{host}: {cmd!r} failed ({p.returncode}): {p.stderr.strip()[-2000:]}")
         return p
@@ -90,7 +91,10 @@ class Lab:
 
     def control(self, *args, timeout=120):
         """openclb-lab itself: freeze/thaw/halt/boot/cut/restore HOST."""
-        subprocess.run([self.cli, *args], check=True, capture_output=True, text=True, timeout=timeout)
+        p = subprocess.run([self.cli, *args], capture_output=True, text=True, timeout=timeout,
+                           stdin=subprocess.DEVNULL)
+        if p.returncode:
+            raise AssertionError(f"openclb-lab {' '.join(args)} failed ({p.returncode}): {p.stderr.strip()[-2000:]}")
 
     def status(self):
         out = subprocess.run([self.cli, "status", "--json"], capture_output=True, text=True, timeout=60).stdout

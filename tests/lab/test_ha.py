@@ -28,20 +28,21 @@ scenario is one traffic run of fixed length.
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import pytest
-from conftest import require_hosts
+from conftest import Lab, lab_cli, require_hosts
 
 pytestmark = pytest.mark.lab
 
 HERE = Path(__file__).resolve().parent
-LAB_BIN = shutil.which("openclb-lab") or str(Path(sys.executable).with_name("openclb-lab"))
+# conftest's Lab: the topology read once, every call with a timeout (the
+# session fixture `lab` skips when the CLI is missing; this is the same object
+# for module-level helpers that test_rolling_upgrade also uses)
+LAB = Lab(lab_cli())
 LVS = ("lvs1", "lvs2")
 NAT = "203.0.113.10:80"
 DR = "203.0.113.30:8080"
@@ -54,15 +55,13 @@ RETURN_GAP_MAX = 1.6
 STATUS = "/usr/local/sbin/openclb-ha-notify status"
 
 
-def cli(*args, timeout=180, check=True):
-    p = subprocess.run([LAB_BIN, *args], capture_output=True, text=True, timeout=timeout, check=False)
-    if check and p.returncode:
-        raise AssertionError(f"openclb-lab {' '.join(args)} failed ({p.returncode}): {p.stderr.strip()[-2000:]}")
-    return p
+def cli(verb, host, timeout=180):
+    """openclb-lab freeze/thaw/halt/boot HOST."""
+    LAB.control(verb, host, timeout=timeout)
 
 
 def on(host, command, check=True, timeout=60):
-    return cli("exec", host, "--", "sh", "-c", command, check=check, timeout=timeout).stdout
+    return LAB.sh(host, command, check=check, timeout=timeout)
 
 
 def vrrp_state(host):
@@ -71,7 +70,7 @@ def vrrp_state(host):
     transitions, so a node converged before the notify line existed and
     reloaded since has none (why this test once skipped in the integrated lab)."""
     try:
-        out = cli("exec", host, "--", "sh", "-c", STATUS, check=False, timeout=20)
+        out = LAB.run(host, STATUS, check=False, timeout=20)
     except subprocess.TimeoutExpired:
         return None
     return out.stdout.split()[0] if out.returncode == 0 and out.stdout.strip() else None
@@ -126,11 +125,7 @@ def run_scenario(fail, recover, duration, recover_after=8.0):
     with tempfile.TemporaryDirectory() as tmp:
         mark = Path(tmp) / "warm"
         driver = subprocess.Popen(
-            [
-                LAB_BIN,
-                "exec",
-                "client1",
-                "--",
+            LAB.argv("client1", [
                 "python3",
                 str(HERE / "ha_traffic.py"),
                 "--hold",
@@ -143,7 +138,7 @@ def run_scenario(fail, recover, duration, recover_after=8.0):
                 str(duration),
                 "--mark",
                 str(mark),
-            ],
+            ]),
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,

@@ -68,9 +68,10 @@ def test_rolling_upgrade_under_traffic(lab, tmp_path):
     mark, stop = tmp_path / "warm", tmp_path / "stop"
     t_start = time.time()
     driver = subprocess.Popen(
-        [ha.LAB_BIN, "exec", "client1", "--", "python3", str(HERE / "ha_traffic.py"),
-         "--hold", f"nat={ha.NAT}:{ha.HELD}", "--hold", f"dr={ha.DR}:{ha.HELD}",
-         "--probe", HTTP, "--duration", str(BOUND + 60), "--mark", str(mark), "--stop", str(stop)],
+        ha.LAB.argv("client1", [
+            "python3", str(HERE / "ha_traffic.py"),
+            "--hold", f"nat={ha.NAT}:{ha.HELD}", "--hold", f"dr={ha.DR}:{ha.HELD}",
+            "--probe", HTTP, "--duration", str(BOUND + 60), "--mark", str(mark), "--stop", str(stop)]),
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
     try:
