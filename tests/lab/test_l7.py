@@ -393,9 +393,11 @@ def test_config_change_under_load_loses_no_request(l7, tmp_path):
     assert {be for _c, be in requests(l7, f"http://{VIP}/new", 12)} != {"be3"}
     pids = {n: nginx_pid(l7, n) for n in L7_NODES}
     stop = tmp_path / "stop"
-    # one stream opens a connection per request, one reuses keep-alive connections
-    loads = [l7.popen(CLIENT, [sys.executable, str(STREAM), f"http://{VIP}/", "--count", "1000000", "--seconds",
-                               "900", "--workers", "1", "--stop-file", str(stop), *extra_args])
+    # one stream opens a connection per request, one reuses keep-alive connections;
+    # they stop at the stop file, 1800 s at the latest (two l7.yml runs under
+    # this load took 548 + 562 s on 2026-11-27: a 900 s bound ended them early)
+    loads = [l7.popen(CLIENT, [sys.executable, str(STREAM), f"http://{VIP}/", "--count", "10000000", "--seconds",
+                               "1800", "--workers", "1", "--stop-file", str(stop), *extra_args])
              for extra_args in ([], ["--keepalive"])]
     try:
         t0 = time.monotonic()

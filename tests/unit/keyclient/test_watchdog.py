@@ -15,10 +15,11 @@ TCP = """  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retr
    1: 0B00620A:A1C2 1F00620A:0967 01 00000000:00000000 02:000004D2 00000000   998        0 2 1 0000000000000000 20 4 30 10 -1
    2: 0B00620A:A1C4 2000620A:0967 06 00000000:00000000 03:00000E50 00000000     0        0 0 3 0000000000000000
 """
-TCP6 = """  sl  local_address                         remote_address                        st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode
-   0: 0000000000000000FFFF00000B00620A:B000 0000000000000000FFFF00002000620A:0967 01 00000000:00000000 00:00000000 00000000     0        0 3 1 0000000000000000 20 4 0 10 -1
-   1: 00000000000000000000000001000000:1F90 B80D0120000000000000000001000000:C350 01 00000000:00000000 00:00000000 00000000     0        0 4 1 0000000000000000 20 4 0 10 -1
-"""
+TCP6 = (
+    "  sl  local_address                         remote_address                        st tx_queue rx_queue\n"
+    "   0: 0000000000000000FFFF00000B00620A:B000 0000000000000000FFFF00002000620A:0967 01 00000000:00000000\n"
+    "   1: 00000000000000000000000001000000:1F90 B80D0120000000000000000001000000:C350 01 00000000:00000000\n"
+)
 
 
 @pytest.fixture(scope="module")
@@ -86,8 +87,8 @@ def test_one_slow_answer_is_not_a_loss(dog):
 def test_key_servers_not_in_use_are_not_checked(dog):
     dog.answers[KS2] = False
     conns = {("10.98.0.21", 40001): KS1, ("10.98.0.21", 9000): ("203.0.113.10", 443)}
-    for _ in range(3):
-        assert dog.dead_key_server(conns) == (None, [], False)
+    for attempt in range(3):
+        assert dog.dead_key_server(conns) == (None, [], False), attempt
     assert set(dog.checked) == {KS1}
 
 
@@ -98,8 +99,8 @@ def test_connections_an_upgrade_left_behind_do_not_count_again(dog):
     dog.blamed.update(dog.dead_key_server(old)[1])  # what step() does once the upgrade succeeded
     # the old workers' connections hang on; the new ones went to ks2
     now = {**old, ("10.98.0.21", 40005): KS2}
-    for _ in range(3):
-        assert dog.dead_key_server(now) == (None, [], False)
+    for attempt in range(3):
+        assert dog.dead_key_server(now) == (None, [], False), attempt
     # a new connection to ks1 (say it came back, then froze again) counts
     again = {**now, ("10.98.0.21", 40009): KS1}
     dog.dead_key_server(again)
