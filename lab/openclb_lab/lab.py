@@ -108,12 +108,13 @@ class Lab:
                           capture_output=True, check=False).returncode == 0:
             return
         try:
-            subprocess.run(args + ["true"], stdin=subprocess.DEVNULL, capture_output=True, timeout=30, check=False)
+            self.ssh_ready(host)
         except subprocess.TimeoutExpired:
             pass  # the guest is not answering (yet): the caller's own ssh reports it
 
     def ssh_ready(self, host: Host) -> bool:
-        self.ensure_master(host)
+        """ssh to the guest works. With no master running, this ssh becomes it:
+        hence /dev/null as stdin (ensure_master)."""
         res = subprocess.run(self.ssh_args(host) + ["true"], stdin=subprocess.DEVNULL, capture_output=True,
                              timeout=30, check=False)
         return res.returncode == 0

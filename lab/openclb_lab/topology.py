@@ -79,7 +79,7 @@ def load(inventory: Path = DEFAULT_INVENTORY) -> Topology:
     # the ansible-inventory next to this interpreter (the project's venv), else PATH's
     ansible_inventory = Path(sys.executable).parent / "ansible-inventory"
     cmd = [str(ansible_inventory) if ansible_inventory.exists() else "ansible-inventory", "-i", str(inventory), "--list"]
-    # stdin from /dev/null: ansible refuses a non-blocking stdin (see Lab.ssh_ready)
+    # stdin from /dev/null: ansible refuses a non-blocking stdin (see Lab.ensure_master)
     out = subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=REPO, stdin=subprocess.DEVNULL).stdout
     return parse(json.loads(out))
 

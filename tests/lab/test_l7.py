@@ -29,7 +29,7 @@ import sys
 import time
 
 import pytest
-from conftest import REPO, lab_model, playbook, require_hosts
+from conftest import REPO, lab_model, playbook, require_hosts, write_vars
 
 pytestmark = pytest.mark.lab
 
@@ -388,8 +388,7 @@ def test_config_change_under_load_loses_no_request(l7, tmp_path):
     model = lab_model()
     web = next(li for li in model["openclb_listeners"] if li["name"] == "http-web")
     web["rules"].append({"path": "/new", "server_group": "api"})
-    extra = tmp_path / "model.json"
-    extra.write_text(json.dumps({k: model[k] for k in ("openclb_server_groups", "openclb_listeners")}))
+    extra = write_vars(tmp_path, model)
     assert {be for _c, be in requests(l7, f"http://{VIP}/new", 12)} != {"be3"}
     pids = {n: nginx_pid(l7, n) for n in L7_NODES}
     stop = tmp_path / "stop"
@@ -401,7 +400,7 @@ def test_config_change_under_load_loses_no_request(l7, tmp_path):
              for extra_args in ([], ["--keepalive"])]
     try:
         t0 = time.monotonic()
-        rc, out = playbook("playbooks/l7.yml", "-e", f"@{extra}")
+        rc, out = playbook("playbooks/l7.yml", "-e", extra)
         assert rc == 0, out[-3000:]
         changed = {n: int(m) for n, m in re.findall(r"^(l7-\d)\s+: ok=\d+\s+changed=(\d+)", out, re.M)}
         assert all(changed.get(n, 0) > 0 for n in L7_NODES), changed
