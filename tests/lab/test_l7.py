@@ -421,7 +421,13 @@ def test_config_change_under_load_loses_no_request(l7, tmp_path):
 
 @pytest.mark.slow
 def test_rejected_config_fails_the_play_and_keeps_the_old_one(l7, tmp_path):
-    """An https listener whose certificate and key do not match: nginx -t refuses, the play fails with its words."""
+    """An https listener whose key is not its certificate's: the play fails before any host changes.
+
+    An EC key next to an RSA certificate: nginx -t passes it (OpenSSL files
+    a key of another type in a slot of its own; found 2026-11-27) and only
+    handshakes would fail, so the role compares public keys on the
+    controller. nginx -t's own refusal is tested on the host
+    (tests/host/test_l7_node.py)."""
     model = lab_model()
     model["openclb_listeners"].append({
         "name": "https-broken", "protocol": "https", "vip": VIP, "port": 9443, "server_group": "web-even",
@@ -432,10 +438,7 @@ def test_rejected_config_fails_the_play_and_keeps_the_old_one(l7, tmp_path):
         if f.suffix == ".crt" or f.name == "session-ticket.key":
             (material / f.name).write_bytes(f.read_bytes())
     (material / "broken.crt").write_bytes((TLS_DIR / "lab-rsa.crt").read_bytes())
-    # another RSA key: OpenSSL files a key of another type than the certificate
-    # (an EC key next to an RSA certificate) in a slot of its own, nginx -t
-    # passes and only handshakes fail (found 2026-11-27: the play went through)
-    subprocess.run(["openssl", "genpkey", "-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:2048",
+    subprocess.run(["openssl", "genpkey", "-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256",
                     "-out", str(material / "broken.key")], check=True, capture_output=True, timeout=30)
     extra = tmp_path / "model.json"
     extra.write_text(json.dumps({"openclb_server_groups": model["openclb_server_groups"],
@@ -443,14 +446,13 @@ def test_rejected_config_fails_the_play_and_keeps_the_old_one(l7, tmp_path):
                                  "openclb_tls_material_dir": str(material)}))
     live = {n: l7.sh(n, "readlink /etc/openclb/nginx/current").strip() for n in L7_NODES}
     pids = {n: nginx_pid(l7, n) for n in L7_NODES}
-    try:
-        rc, out = playbook("playbooks/l7.yml", "-e", f"@{extra}")
-    finally:  # the rejected tree's files stay for inspection; the key must not
-        for n in L7_NODES:
-            l7.run(n, "rm -f /etc/openclb/tls/broken.crt /etc/openclb/tls/private/broken.key", check=False)
+    rc, out = playbook("playbooks/l7.yml", "-e", f"@{extra}")
     assert rc != 0, out[-3000:]
-    assert "nginx rejected the new configuration" in out, out[-3000:]
-    assert "key values mismatch" in out, out[-3000:]  # nginx's own words
+    changed = [int(n) for n in re.findall(r"^\S+\s+: ok=\d+\s+changed=(\d+)", out, re.M)]
+    assert changed and not any(changed), out[-3000:]  # the recap: no host changed
+    assert "broken.key: the private key (EC secp256r1) is not the certificate's (RSA 2048)" in out, out[-3000:]
+    for n in L7_NODES:  # refused before any host changed: not even the certificate was copied
+        assert l7.run(n, "test -e /etc/openclb/tls/broken.crt", check=False).returncode != 0
     assert {n: l7.sh(n, "readlink /etc/openclb/nginx/current").strip() for n in L7_NODES} == live
     assert {n: nginx_pid(l7, n) for n in L7_NODES} == pids
     assert "9443" not in l7.sh("l7-1", "ss -Htln")
