@@ -204,9 +204,12 @@ def test_rotation_under_load_fails_no_handshake(ks, tmp_path):
     under an RSA-only handshake load: 0 failed handshakes."""
     model = lab_model()
     https = next(lst for lst in model["openclb_listeners"] if lst["name"] == "https-web")
-    rsa = next(c for c in https["certificates"] if "rsa" in c["name"])
-    original, rotated = rsa["name"], rsa["name"] + "-rotated"
-    rsa["name"] = rotated
+    original = next(c["name"] for c in https["certificates"] if "rsa" in c["name"])
+    rotated = original + "-rotated"
+    # Every listener that uses the certificate (https-strict shares it): an
+    # object still referred to is rightly kept in the token.
+    for cert in (c for lst in model["openclb_listeners"] for c in lst.get("certificates", []) if c["name"] == original):
+        cert["name"] = rotated
     extra = tmp_path / "rotated.json"
     extra.write_text(json.dumps({"openclb_listeners": model["openclb_listeners"]}))
     material = REPO / ".cache" / "tls" / model["openclb_cluster"]["name"]
