@@ -228,11 +228,11 @@ def test_rotation_under_load_fails_no_handshake(ks, tmp_path):
             away = original if step == "rotate" else rotated
             assert away not in token_objects(ks, model), f"{step}: {away} was not pruned from the token"
             assert (rotated if step == "rotate" else original) in token_objects(ks, model)
-    finally:
+    finally:  # the traffic is printed even when a step failed
         stop.touch()
         r = report(proc)
-    print(f"\ncertificate rotation {original} -> {rotated} -> {original} under load: "
-          f"{r['ok']} handshakes ok, {r['failed']} failed {r['errors']}, p99 {r['p99_ms']} ms")
+        print(f"\ncertificate rotation {original} -> {rotated} -> {original} under load: "
+              f"{r['ok']} handshakes ok, {r['failed']} failed {r['errors']}, p99 {r['p99_ms']} ms")
     assert r["ok"] > 0 and r["failed"] == 0, r["errors"]
 
 
