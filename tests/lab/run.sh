@@ -23,7 +23,7 @@ trap cleanup EXIT
 pytest_lab() {
   # exit status 5 (no test collected) is a failure here, never a pass
   local rc=0
-  pytest -q -p no:cacheprovider "$@" || rc=$?
+  pytest -q -p no:cacheprovider --durations=12 "$@" || rc=$?
   if [ $rc -ne 0 ]; then
     echo ">> FAILED (pytest exit $rc): rerun with KEEP_LAB=1 tests/lab/run.sh, then"
     echo "   OPENCLB_LAB_NAME=$OPENCLB_LAB_NAME pytest $* -x"

@@ -19,7 +19,9 @@ Asserted: the playbook succeeds, 0 failed requests, 0 reset or stalled held
 connections, every service on every node was restarted, the VIPs moved
 exactly once (the MASTER's demotion; the BACKUPs go first and no node takes
 them back). The playbook runs without the role converge
-(rolling_converge=false) and with a 30 s drain bound to fit the CI time.
+(rolling_converge=false) and with a 10 s drain bound to fit the CI time
+(the probe's connections last milliseconds; a new MASTER's synced copies of
+connections closed on the old one stay "active" until they time out).
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ import pytest
 import test_ha as ha
 from conftest import REPO, require_hosts
 
-pytestmark = [pytest.mark.lab, pytest.mark.slow]
+pytestmark = pytest.mark.lab
 
 HERE = Path(__file__).resolve().parent
 LVS = ha.LVS
@@ -82,7 +84,7 @@ def test_rolling_upgrade_under_traffic(lab, tmp_path):
         with log.open("w") as sink:
             play = subprocess.Popen(
                 [PLAYBOOK, "-i", str(REPO / "inventories/lab"), str(REPO / "playbooks/rolling_upgrade.yml"),
-                 "-e", "rolling_converge=false", "-e", "ha_drain_timeout=30"],
+                 "-e", "rolling_converge=false", "-e", "ha_drain_timeout=10"],
                 stdout=sink, stderr=subprocess.STDOUT, text=True, cwd=REPO,
                 env=dict(os.environ, ANSIBLE_CONFIG=str(REPO / "ansible.cfg"), ANSIBLE_NOCOLOR="1",
                          ANSIBLE_CALLBACKS_ENABLED="ansible.posix.profile_tasks"),
@@ -123,8 +125,10 @@ def test_rolling_upgrade_under_traffic(lab, tmp_path):
         assert g["count"] == g["alive"] == ha.HELD, f"held {group} connections lost: {g['failed']}"
     not_restarted = {h: [u for u, t in after[h].items() if t == before[h].get(u) or t == "0"] for h in after}
     assert not any(not_restarted.values()), f"services not restarted: {not_restarted}"
-    # one switch: the old MASTER was demoted once, the peer took over once, nobody took the VIPs back
+    # One switch: the peer (restarted first, as BACKUP: STOP, BACKUP) took the
+    # VIPs once, when the old MASTER was demoted, and kept them; the old
+    # MASTER never took them back.
     peer = next(h for h in LVS if h != master)
-    assert [s for s, _ in moves[peer]] == ["MASTER"], moves
+    assert [s for s, _ in moves[peer] if s == "MASTER"] == ["MASTER"] and moves[peer][-1][0] == "MASTER", moves
     assert "MASTER" not in [s for s, _ in moves[master]], moves
     assert ha.settled_master(timeout=30) == peer
