@@ -20,9 +20,11 @@ comes back later. Every held connection must survive on the new MASTER with
 no reset; the longest gap between two successful new connections is
 printed; the returning node must come back as BACKUP and never take the
 VIPs (nopreempt, asserted from the transitions the notify script records),
-with no second interruption (held connections alive to the end, the
-longest new-connection gap after its return bounded). Bounded: each
-scenario is one traffic run of fixed length.
+with no second interruption (held connections alive to the end, no new
+connection failed after its return), and while the traffic still runs the
+node that is BACKUP must hold 90 % of the MASTER's entries (warm for the
+next switch). A thawed MASTER may take the VIPs back once (docs/ha.md,
+Known gaps). Bounded: each scenario is one traffic run of fixed length.
 """
 
 from __future__ import annotations
@@ -152,10 +154,10 @@ def run_scenario(fail, recover, duration, recover_after=8.0):
             time.sleep(recover_after)
             t_recover = time.time()
             recover(master)
-            # Sample both tables while the held connections still run (3 s
-            # before the end): the node that is BACKUP now must know them.
-            time.sleep(max(0.0, t_start + duration - 3 - time.time()))
-            warm = {h: established(h) for h in LVS} if time.time() < t_start + duration - 1 else None
+            # While the held connections still run: the node that is BACKUP
+            # now must come to know them (the sync daemon resends each one
+            # every 50 packets), as the rolling upgrade's warm-up requires.
+            warm, warm_after = wait_warm_backup(t_recover, t_start + duration - 3)
             out, err = driver.communicate(timeout=duration + 120)
         finally:
             if driver.poll() is None:
@@ -174,9 +176,24 @@ def run_scenario(fail, recover, duration, recover_after=8.0):
     # the returning node: the longest gap from its recovery to the end of the run
     report["recovery_gap"] = longest_gap(ok_at, t_recover, report["duration"])
     report["t_fail"], report["t_recover"] = round(t_fail, 3), round(t_recover, 3)
-    report["warm"] = warm
+    report["warm"], report["warm_after"] = warm, warm_after
     report["failed_after_return"] = [t for t in report["probe"]["failed_at"] if t >= t_recover]
     return report, master, peer, t_fail
+
+
+def wait_warm_backup(since, deadline, ratio=0.9):
+    """Poll until the BACKUP holds `ratio` of the MASTER's ESTABLISHED held
+    entries, or until the deadline (epoch s). Returns (last sample by node
+    and state, seconds after `since` it got warm or None)."""
+    sample = {}
+    while time.time() < deadline:
+        states = {h: vrrp_state(h) for h in LVS}
+        sample = {h: (states[h], established(h)) for h in LVS}
+        counts = {state: n for state, n in sample.values()}
+        if set(states.values()) == {"MASTER", "BACKUP"} and 0 < counts["MASTER"] * ratio <= counts["BACKUP"]:
+            return sample, round(time.time() - since, 1)
+        time.sleep(1.0)
+    return sample, None
 
 
 def established(host):
@@ -210,22 +227,23 @@ def check_report(name, report, master, peer):
             f"{[(line[1], round(float(line[0]) - report['started'], 1)) for line in lines]}"
         )
     print(f"  new connections failed after the return: {report['failed_after_return']}; "
-          f"ESTABLISHED held entries per node near the end: {report['warm']}")
+          f"ESTABLISHED held entries (state, entries): {report['warm']}, BACKUP warm "
+          f"{report['warm_after']} s after the return")
     for group, g in report["groups"].items():
         assert g["eligible"] == g["count"] == HELD, f"{group}: not every connection got warm: {g}"
         assert g["eligible_alive"] == g["eligible"], f"{group}: connections lost in failover: {g['failed']}"
 
 
-def assert_clean_return(report):
-    """No second interruption once the node is back, and the node that is
-    BACKUP now holds the held connections (synced), so the next switch keeps
-    them. Printed, not yet asserted: the first CI-like run (2026-11-27) had one
-    failed new connection after a frozen master's return and sampled the
-    tables too late or too early (BACKUP 4 of the MASTER's 105 entries); both
-    are open in issue #4."""
-    backup = next((h for h in LVS if vrrp_state(h) == "BACKUP"), None)
-    print(f"  after the return: failed new connections {report['failed_after_return']}; "
-          f"ESTABLISHED entries {report['warm']} (BACKUP now: {backup})")
+def assert_clean_return(report, switched_back=False):
+    """The node that is BACKUP now holds the held connections (synced) while
+    they still run, so the next switch keeps them; and no new connection
+    failed once the failed node was back (no second interruption). A thawed
+    MASTER that took the VIPs back (docs/ha.md, Known gaps) is a second
+    switch: connections being opened at that moment may fail, so only the
+    warm BACKUP is asserted then."""
+    assert report["warm_after"] is not None, f"the BACKUP never held 90 % of the MASTER's entries: {report['warm']}"
+    if not switched_back:
+        assert not report["failed_after_return"], f"new connections failed after the return: {report['failed_after_return']}"
 
 
 def assert_no_flap(report, master, peer):
@@ -277,7 +295,7 @@ def test_frozen_master(cluster):
     assert settled_master() == (master if peer_states[-1] == "BACKUP" else peer)
     last = float(report["flaps_after"][peer][-1][0])
     assert not [t for t in transitions(peer) if float(t[0]) > last], "the peer changed state again"
-    assert_clean_return(report)
+    assert_clean_return(report, switched_back=peer_states[-1] == "BACKUP")
 
 
 def test_halted_master(cluster):
@@ -319,5 +337,5 @@ def test_frozen_master_subsecond_advert(cluster):
     assert report["failover_gap"] < 1.0, f"failover gap {report['failover_gap']} s with advert_int 0.1"
     peer_states = [line[1] for line in report["flaps_after"][peer]]
     assert peer_states in (["MASTER"], ["MASTER", "BACKUP"]), f"{peer} flapped: {peer_states}"
-    assert_clean_return(report)
+    assert_clean_return(report, switched_back=peer_states[-1] == "BACKUP")
     settled_master()
