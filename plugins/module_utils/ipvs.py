@@ -21,8 +21,10 @@ real_server: {address, port, forwarding: nat|dr|tun, weight,
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import ipaddress
+import signal
 import socket
 import struct
 import traceback
@@ -128,6 +130,32 @@ if PYROUTE2_IMPORT_ERROR is None:
 # --------------------------------------------------------------------------
 # Kernel access
 # --------------------------------------------------------------------------
+# s: the longest one netlink request may take. A request normally returns in
+# milliseconds; one was seen spinning at 100 % CPU for over 10 min in the
+# lab (pyroute2 0.9.7, a weight change on a MASTER holding 2,000 connections,
+# docs/ipvs-modules.md). Failing after this bound turns a stuck rollout into a
+# failed task, which the playbooks retry.
+NETLINK_TIMEOUT = 60
+
+
+@contextlib.contextmanager
+def bounded(what, seconds=None):
+    """Raise IPVSError if the block runs longer than `seconds` (SIGALRM: modules run in the main thread)."""
+    seconds = NETLINK_TIMEOUT if seconds is None else seconds
+
+    def expired(_signum, _frame):
+        raise IPVSError(f"IPVS netlink {what} did not complete within {seconds} s; nothing else was changed "
+                        "after it (run the task again)")
+
+    previous = signal.signal(signal.SIGALRM, expired)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
 class Kernel:
     """A thin wrapper over pyroute2's IPVS socket: the module's only boundary.
 
@@ -168,18 +196,22 @@ class Kernel:
     def services(self):
         if not self.available:
             return []
-        return list(self.sock.service("dump"))
+        with bounded("service dump"):
+            return list(self.sock.service("dump"))
 
     def dests(self, svc):
         if not self.available:
             return []
-        return list(self.sock.dest("dump", service=service_request(svc)))
+        with bounded("real-server dump"):
+            return list(self.sock.dest("dump", service=service_request(svc)))
 
     def service(self, verb, svc):
-        self.sock.service(verb, service=service_request(svc))
+        with bounded(f"service {verb}"):
+            self.sock.service(verb, service=service_request(svc))
 
     def dest(self, verb, svc, rs):
-        self.sock.dest(verb, service=service_request(svc), dest=dest_request(rs))
+        with bounded(f"real-server {verb}"):
+            self.sock.dest(verb, service=service_request(svc), dest=dest_request(rs))
 
     # sync daemons -------------------------------------------------------
     def _daemon_request(self, cmd, attrs, flags):
@@ -189,8 +221,9 @@ class Kernel:
         msg["cmd"] = cmd
         msg["version"] = genl_ipvs.GENL_VERSION
         msg["attrs"] = [("IPVS_CMD_ATTR_DAEMON", {"attrs": attrs})] if attrs else []
-        return list(self.sock._run_with_cleanup(
-            self.sock.asyncore._do_request, msg, msg_flags=flags))
+        with bounded("sync-daemon request"):
+            return list(self.sock._run_with_cleanup(
+                self.sock.asyncore._do_request, msg, msg_flags=flags))
 
     def daemons(self):
         if not self.available:

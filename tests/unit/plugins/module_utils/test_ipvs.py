@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import signal
 import socket
 
 import pytest
@@ -275,6 +276,23 @@ def test_modprobe_failure_is_reported(kernel_table):
     kernel_table.loaded = False
     with pytest.raises(ipvs.IPVSError, match="modprobe ip_vs failed: FATAL: Module ip_vs not found"):
         ipvs.Kernel(run_command=lambda argv: (1, "", "FATAL: Module ip_vs not found\n"))
+
+
+def test_a_netlink_request_that_never_returns_fails_the_task(kernel_table, monkeypatch):
+    """A request spinning inside pyroute2 (seen in the lab) ends in a clear error, not a hung rollout."""
+    k = ipvs.Kernel()
+
+    def spin(*_args, **_kw):
+        while True:
+            pass
+
+    monkeypatch.setattr(k.sock, "service", spin)
+    monkeypatch.setattr(ipvs, "NETLINK_TIMEOUT", 0.2)
+    with pytest.raises(ipvs.IPVSError, match=r"IPVS netlink service dump did not complete within 0.2 s"):
+        ipvs.read_services(k)
+    # the timer is off again and the handler restored
+    assert signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0)
+    assert signal.getsignal(signal.SIGALRM) is signal.SIG_DFL
 
 
 def test_read_with_stats(kernel_table):
