@@ -19,7 +19,7 @@ Asserted: the playbook succeeds, 0 failed requests, 0 reset or stalled held
 connections, every service on every node was restarted, the VIPs moved
 exactly once (the MASTER's demotion; the BACKUPs go first and no node takes
 them back). The playbook runs without the role converge
-(rolling_converge=false) and with a 10 s drain bound to fit the CI time
+(rolling_converge=false) and with a 10 s drain bound
 (the probe's connections last milliseconds; a new MASTER's synced copies of
 connections closed on the old one stay "active" until they time out).
 """
@@ -38,7 +38,7 @@ import pytest
 import test_ha as ha
 from conftest import REPO, require_hosts
 
-pytestmark = pytest.mark.lab
+pytestmark = [pytest.mark.lab, pytest.mark.slow]
 
 HERE = Path(__file__).resolve().parent
 LVS = ha.LVS
