@@ -139,9 +139,9 @@ NETLINK_TIMEOUT = 60
 
 
 @contextlib.contextmanager
-def bounded(what, seconds=None):
-    """Raise IPVSError if the block runs longer than `seconds` (SIGALRM: modules run in the main thread)."""
-    seconds = NETLINK_TIMEOUT if seconds is None else seconds
+def bounded(what):
+    """Raise IPVSError if the block runs longer than NETLINK_TIMEOUT s (SIGALRM: modules run in the main thread)."""
+    seconds = NETLINK_TIMEOUT
 
     def expired(_signum, _frame):
         raise IPVSError(f"IPVS netlink {what} did not complete within {seconds} s; nothing else was changed "

@@ -29,7 +29,7 @@ import sys
 import time
 
 import pytest
-from conftest import REPO, lab_model, playbook, require_hosts, write_vars
+from conftest import REPO, lab_model, playbook, recap_changed, require_hosts, write_vars
 
 pytestmark = pytest.mark.lab
 
@@ -405,7 +405,7 @@ def test_config_change_under_load_loses_no_request(l7, tmp_path):
         t0 = time.monotonic()
         rc, out = playbook("playbooks/l7.yml", "-e", extra)
         assert rc == 0, out[-3000:]
-        changed = {n: int(m) for n, m in re.findall(r"^(l7-\d)\s+: ok=\d+\s+changed=(\d+)", out, re.M)}
+        changed = recap_changed(out)
         assert all(changed.get(n, 0) > 0 for n in L7_NODES), changed
         assert {be for _c, be in requests(l7, f"http://{VIP}/new", 12)} == {"be3"}
         applied = time.monotonic() - t0
@@ -451,8 +451,8 @@ def test_rejected_config_fails_the_play_and_keeps_the_old_one(l7, tmp_path):
     pids = {n: nginx_pid(l7, n) for n in L7_NODES}
     rc, out = playbook("playbooks/l7.yml", "-e", f"@{extra}")
     assert rc != 0, out[-3000:]
-    changed = [int(n) for n in re.findall(r"^\S+\s+: ok=\d+\s+changed=(\d+)", out, re.M)]
-    assert changed and not any(changed), out[-3000:]  # the recap: no host changed
+    changed = recap_changed(out)
+    assert changed and not any(changed.values()), out[-3000:]  # the recap: no host changed
     assert "broken.key: the private key (EC secp256r1) is not the certificate's (RSA 2048)" in out, out[-3000:]
     for n in L7_NODES:  # refused before any host changed: not even the certificate was copied
         assert l7.run(n, "test -e /etc/openclb/tls/broken.crt", check=False).returncode != 0
