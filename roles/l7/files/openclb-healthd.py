@@ -46,6 +46,12 @@ def load_config(path):
     cfg.setdefault("fail_open", True)
     cfg.setdefault("nginx_test", ["nginx", "-t", "-q"])
     cfg.setdefault("nginx_reload", ["nginx", "-s", "reload"])
+    # A failed apply is retried after retry_min s, doubling up to retry_max:
+    # nginx -t also fails while a key server is briefly unable to answer
+    # (docs/keyservers.md, Known gaps), and a state change must not wait
+    # for the next one to reach nginx.
+    cfg.setdefault("retry_min", 2.0)
+    cfg.setdefault("retry_max", 60.0)
     return cfg
 
 
@@ -283,6 +289,7 @@ class Daemon:
         self.last_reload_error = None
         self._apply_handle = None
         self._apply_lock = asyncio.Lock()
+        self._retry_delay = None  # s before the next retry of a failed apply
         self.started = time.time()
 
     # configuration -------------------------------------------------------
@@ -354,22 +361,26 @@ class Daemon:
                 return
             write_atomic(path, text)
             ok, msg = await self.run(self.cfg["nginx_test"])
-            if not ok:
-                # keep nginx's running config consistent with the file on disk
-                if old is not None:
-                    write_atomic(path, old)
-                self.reloads["failed"] += 1
-                self.last_reload_error = msg
-                LOG.error("nginx rejected the upstreams; kept the old ones: %s", msg)
-                return
-            ok, msg = await self.run(self.cfg["nginx_reload"])
+            if ok:
+                ok, msg = await self.run(self.cfg["nginx_reload"])
+                what = "nginx reload failed"
+            else:
+                what = "nginx rejected the upstreams; kept the old ones"
             if ok:
                 self.reloads["ok"] += 1
+                self._retry_delay = None
                 LOG.info("nginx reloaded with new upstream states")
-            else:
-                self.reloads["failed"] += 1
-                self.last_reload_error = msg
-                LOG.error("nginx reload failed: %s", msg)
+                return
+            # keep the file what nginx runs, so the retry sees the change again
+            if old is not None:
+                write_atomic(path, old)
+            self.reloads["failed"] += 1
+            self.last_reload_error = msg
+            self._retry_delay = min(
+                self.cfg["retry_max"], 2 * self._retry_delay if self._retry_delay else self.cfg["retry_min"]
+            )
+            LOG.error("%s (retry in %.0f s): %s", what, self._retry_delay, msg)
+            self.schedule_apply(self._retry_delay)
 
     async def run(self, argv):
         proc = await asyncio.create_subprocess_exec(

@@ -205,6 +205,39 @@ def test_apply_restores_file_when_nginx_rejects(healthd, cfg, tmp_path):
     d = run(go())
     assert (tmp_path / "upstreams.conf").read_text() == "# old\n"
     assert d.reloads == {"ok": 0, "failed": 1}
+    assert d._retry_delay == 2.0 and d._apply_handle is not None  # retried later
+
+
+def test_failed_apply_is_retried_until_nginx_accepts(healthd, cfg, tmp_path):
+    # nginx -t fails twice (a key server that cannot answer), then passes
+    count = tmp_path / "tests"
+    cfg["nginx_test"] = ["sh", "-c", f'echo x >> {count}; [ "$(wc -l < {count})" -gt 2 ]']
+    cfg["nginx_reload"] = ["sh", "-c", f"touch {tmp_path / 'reloaded'}"]
+    cfg["retry_min"], cfg["retry_max"] = 0.05, 0.1
+    cfg_path = tmp_path / "healthd.json"
+    cfg_path.write_text(json.dumps(cfg))
+    (tmp_path / "upstreams.conf").write_text("# old\n")
+
+    async def go():
+        d = healthd.Daemon(str(cfg_path))
+        d.cfg = healthd.load_config(str(cfg_path))
+        d.probes = healthd.probes_from_config(d.cfg)
+        d.health = {k: healthd.Health(p["check"]) for k, p in d.probes.items()}
+        delays = []
+        await d.apply()
+        for _ in range(100):
+            if d.reloads["ok"]:
+                break
+            if d._retry_delay not in delays[-1:]:
+                delays.append(d._retry_delay)
+            await asyncio.sleep(0.02)
+        return d, delays
+
+    d, delays = run(go())
+    assert d.reloads == {"ok": 1, "failed": 2} and (tmp_path / "reloaded").exists()
+    assert delays == [0.05, 0.1]  # doubled, capped at retry_max
+    assert d._retry_delay is None
+    assert "server 10.99.0.21:8080" in (tmp_path / "upstreams.conf").read_text()
 
 
 def test_render_command_and_saved_state(healthd, cfg, tmp_path, capsys):
