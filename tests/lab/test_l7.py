@@ -422,7 +422,6 @@ def test_config_change_under_load_loses_no_request(l7, tmp_path):
     assert {n: nginx_pid(l7, n) for n in L7_NODES} == pids, "nginx was restarted, not reloaded"
 
 
-@pytest.mark.slow
 def test_rejected_config_fails_the_play_and_keeps_the_old_one(l7, tmp_path):
     """An https listener whose key is not its certificate's: the play fails before any host changes.
 
