@@ -105,6 +105,37 @@ def test_check_mode_shows_the_diff_and_changes_nothing(lab):
         assert "keepalive_timeout 15s;" in fh.read()
 
 
+def nginx_workers(lab):
+    master = lab.nginx_master_pid()
+    with open(f"/proc/{master}/task/{master}/children", encoding="utf-8") as fh:
+        return set(fh.read().split())
+
+
+def test_a_reload_an_earlier_run_lost_is_made_up(lab):
+    """A run that stopped after switching the tree (its reload or the reload's
+    check failed) leaves the reload record behind: the next run reloads
+    instead of reporting nothing to do while nginx runs the old tree."""
+    record = lab.tmp + "/state/nginx-loaded"
+    with open(record, encoding="utf-8") as fh:
+        wanted = fh.read()
+    assert re.fullmatch(r"\S+/[ab] [0-9a-f]{40}\n", wanted), wanted
+    with open(record, "w", encoding="utf-8") as fh:
+        fh.write(wanted.replace("/a ", "/b ") if "/a " in wanted else wanted.replace("/b ", "/a "))
+    workers = nginx_workers(lab)
+    result = lab.converge()
+    changed, failed = lab.recap(result)
+    assert failed == 0 and changed >= 1, result.stdout[-3000:]
+    assert "does not run the live configuration" in result.stdout
+    with open(record, encoding="utf-8") as fh:
+        assert fh.read() == wanted
+    for _attempt in range(50):  # the reload replaces the workers
+        if not workers & nginx_workers(lab):
+            break
+        time.sleep(0.1)
+    assert not workers & nginx_workers(lab), "nginx was not reloaded"
+    assert lab.recap(lab.converge()) == (0, 0)
+
+
 # ---------------------------------------------------------------- routing
 
 

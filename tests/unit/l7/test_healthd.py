@@ -225,7 +225,7 @@ def test_failed_apply_is_retried_until_nginx_accepts(healthd, cfg, tmp_path):
         d.health = {k: healthd.Health(p["check"]) for k, p in d.probes.items()}
         delays = []
         await d.apply()
-        for _ in range(100):
+        for _attempt in range(100):
             if d.reloads["ok"]:
                 break
             if d._retry_delay not in delays[-1:]:
