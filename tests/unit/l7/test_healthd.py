@@ -110,7 +110,12 @@ class FakeServer:
 
 
 def run(coro):
-    return asyncio.run(coro)
+    async def main():
+        result = await coro
+        await asyncio.sleep(0.05)  # subprocess transports close inside the loop, not at a later GC
+        return result
+
+    return asyncio.run(main())
 
 
 @pytest.mark.parametrize(
