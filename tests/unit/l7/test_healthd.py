@@ -166,6 +166,15 @@ def test_tcp_probe(healthd):
     assert up[0] and not down[0]
 
 
+def daemon(healthd, cfg_path):
+    """A Daemon with its configuration and health table, no probe task running."""
+    d = healthd.Daemon(str(cfg_path))
+    d.cfg = healthd.load_config(str(cfg_path))
+    d.probes = healthd.probes_from_config(d.cfg)
+    d.health = {k: healthd.Health(p["check"]) for k, p in d.probes.items()}
+    return d
+
+
 def test_apply_writes_validates_reloads(healthd, cfg, tmp_path):
     marker = tmp_path / "reloaded"
     cfg["nginx_reload"] = ["touch", str(marker)]
@@ -173,10 +182,7 @@ def test_apply_writes_validates_reloads(healthd, cfg, tmp_path):
     cfg_path.write_text(json.dumps(cfg))
 
     async def go():
-        d = healthd.Daemon(str(cfg_path))
-        d.cfg = healthd.load_config(str(cfg_path))
-        d.probes = healthd.probes_from_config(d.cfg)
-        d.health = {k: healthd.Health(p["check"]) for k, p in d.probes.items()}
+        d = daemon(healthd, cfg_path)
         await d.apply()
         first = (marker.exists(), d.reloads["ok"])
         marker.unlink()
@@ -200,10 +206,7 @@ def test_apply_restores_file_when_nginx_rejects(healthd, cfg, tmp_path):
     (tmp_path / "upstreams.conf").write_text("# old\n")
 
     async def go():
-        d = healthd.Daemon(str(cfg_path))
-        d.cfg = healthd.load_config(str(cfg_path))
-        d.probes = healthd.probes_from_config(d.cfg)
-        d.health = {k: healthd.Health(p["check"]) for k, p in d.probes.items()}
+        d = daemon(healthd, cfg_path)
         await d.apply()
         return d
 
@@ -224,10 +227,7 @@ def test_failed_apply_is_retried_until_nginx_accepts(healthd, cfg, tmp_path):
     (tmp_path / "upstreams.conf").write_text("# old\n")
 
     async def go():
-        d = healthd.Daemon(str(cfg_path))
-        d.cfg = healthd.load_config(str(cfg_path))
-        d.probes = healthd.probes_from_config(d.cfg)
-        d.health = {k: healthd.Health(p["check"]) for k, p in d.probes.items()}
+        d = daemon(healthd, cfg_path)
         delays = []
         await d.apply()
         for _attempt in range(100):
