@@ -224,7 +224,11 @@ def test_drained_key_server_stops_without_a_failed_handshake(chain):
     both_up(chain)
     victim = "ks1"  # the preferred one (failover prio): new connections go there
     try:
-        load = chain.load_async("rsa-ks", 8, concurrency=2)
+        # Clients wait up to 10 s, as in the lab tests: the binary upgrade
+        # holds new connections in the backlog while the new master loads
+        # its keys (a delay, not a failure; the slowest is printed). At 3 s
+        # one handshake in 4,210 timed out on a quiet CI host.
+        load = chain.load_async("rsa-ks", 8, concurrency=2, timeout=10.0)
         time.sleep(1.0)
         # What `keyclient_drain: [victim]` makes the keyclient role do.
         chain.render_l7(drain=[victim])
@@ -233,7 +237,9 @@ def test_drained_key_server_stops_without_a_failed_handshake(chain):
         chain.wait_for("old master to exit", lambda: chain.active_keyservers() == ["ks2"])
         chain.stop_keyserver(victim)
         report = json.loads(load.communicate(timeout=60)[0])
-        print(f"\n[drain {victim}, then stop it] handshakes ok={report['ok']} failed={report['failed']}")
+        slowest = max((e[2] for e in report["timeline"] if e[1]), default=0.0)
+        print(f"\n[drain {victim}, then stop it] handshakes ok={report['ok']} failed={report['failed']}, "
+              f"p99 {report['p99_ms']:.0f} ms, slowest {slowest:.2f} s")
         assert report["failed"] == 0, report["errors"]
     finally:
         chain.render_l7()
