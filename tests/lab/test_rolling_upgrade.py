@@ -39,7 +39,8 @@ import pytest
 import test_ha as ha
 from conftest import REPO, require_hosts
 
-pytestmark = pytest.mark.lab
+# slow: in one CI run a weight change hung past the netlink bound (docs/ha.md)
+pytestmark = [pytest.mark.lab, pytest.mark.slow]
 
 HERE = Path(__file__).resolve().parent
 LVS = ha.LVS
