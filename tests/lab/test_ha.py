@@ -23,7 +23,8 @@ VIPs (nopreempt, asserted from the transitions the notify script records),
 with no second interruption (held connections alive to the end; after a
 graceful stop or a halt also: no new connection failed after its return,
 and while the traffic still runs the node that is BACKUP comes to hold 90 %
-of the MASTER's entries, warm for the next switch; the freeze scenarios
+of the MASTER's entries, warm for the next switch, when the node returned
+within the traffic run; the freeze scenarios
 print these). A thawed MASTER may take the VIPs back once (docs/ha.md,
 Known gaps). Bounded: each scenario is one traffic run of fixed length.
 """
