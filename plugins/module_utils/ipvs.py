@@ -21,23 +21,20 @@ real_server: {address, port, forwarding: nat|dr|tun, weight,
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import ipaddress
-import signal
 import socket
 import struct
+import time
 import traceback
 
 PYROUTE2_IMPORT_ERROR = None
 try:
-    from pyroute2 import IPVS
-    from pyroute2.netlink import NLM_F_ACK, NLM_F_DUMP, NLM_F_REQUEST, nla
+    from pyroute2.netlink import ctrlmsg, nla
     from pyroute2.netlink.exceptions import NetlinkError
     from pyroute2.netlink.generic import ipvs as genl_ipvs
 except ImportError:  # absent, or too old (0.7.x has no IPVS classes)
     PYROUTE2_IMPORT_ERROR = traceback.format_exc()
-    IPVS = None
 
     class NetlinkError(Exception):  # keeps `except NetlinkError` valid
         code = 0
@@ -76,10 +73,6 @@ STATE_MASTER = 1
 STATE_BACKUP = 2
 DAEMON_STATES = {"master": STATE_MASTER, "backup": STATE_BACKUP}
 DAEMON_NAMES = {v: k for k, v in DAEMON_STATES.items()}
-
-IPVS_CMD_NEW_DAEMON = 9
-IPVS_CMD_DEL_DAEMON = 10
-IPVS_CMD_GET_DAEMON = 11
 
 STAT_KEYS = ("conns", "inpkts", "outpkts", "inbytes", "outbytes",
              "cps", "inpps", "outpps", "inbps", "outbps")
@@ -128,36 +121,120 @@ if PYROUTE2_IMPORT_ERROR is None:
 
 
 # --------------------------------------------------------------------------
-# Kernel access
+# Kernel access: a blocking generic netlink socket
 # --------------------------------------------------------------------------
-# s: the longest one netlink request may take. A request normally returns in
-# milliseconds; one was seen spinning at 100 % CPU for over 10 min in the
-# lab (pyroute2 0.9.7, a weight change on a MASTER holding 2,000 connections,
-# docs/ipvs-modules.md). Failing after this bound turns a stuck rollout into a
-# failed task, which the playbooks retry.
-NETLINK_TIMEOUT = 60
+# pyroute2 encodes and decodes the messages; the request itself is sent and
+# answered here, on a plain blocking socket with a timeout. pyroute2 0.9's own
+# request path runs every request through an asyncio event loop; in the lab a
+# weight change on a MASTER holding about 2,000 connections spun there at
+# 100 % CPU for over 10 minutes, twice, and a SIGALRM bound did not stop it
+# (asyncio catches exceptions raised inside its callbacks). A socket timeout
+# cannot be swallowed, and one request at a time needs no event loop.
+# include/uapi/linux/netlink.h, genetlink.h
+NETLINK_GENERIC = 16
+NLMSG_HDR = struct.Struct("IHHII")  # length, type, flags, sequence, port id
+NLMSG_ERROR = 2
+NLMSG_DONE = 3
+NLM_F_REQUEST = 0x1
+NLM_F_MULTI = 0x2
+NLM_F_ACK = 0x4
+NLM_F_DUMP = 0x300
+NLM_F_REPLACE = 0x100
+NLM_F_EXCL = 0x200
+NLM_F_CREATE = 0x400
+GENL_ID_CTRL = 0x10
+CTRL_CMD_GETFAMILY = 3
+RECV_BUFFER = 1 << 20  # one datagram; the kernel's dump chunks are at most 32 KiB
+
+# s: the longest one request may wait for its answer. A request normally
+# returns in milliseconds; past this the module fails with a message, and
+# the playbooks' weight tasks send it again (setting a weight is idempotent).
+NETLINK_TIMEOUT = 30
+
+# Change verbs: command and netlink flags (as ipvsadm/libipvs send them).
+SERVICE_VERBS = {"add": ("IPVS_CMD_NEW_SERVICE", NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL),
+                 "set": ("IPVS_CMD_SET_SERVICE", NLM_F_REQUEST | NLM_F_ACK | NLM_F_REPLACE),
+                 "del": ("IPVS_CMD_DEL_SERVICE", NLM_F_REQUEST | NLM_F_ACK)}
+DEST_VERBS = {verb: (cmd.replace("SERVICE", "DEST"), flags) for verb, (cmd, flags) in SERVICE_VERBS.items()}
 
 
-@contextlib.contextmanager
-def bounded(what):
-    """Raise IPVSError if the block runs longer than NETLINK_TIMEOUT s (SIGALRM: modules run in the main thread)."""
-    seconds = NETLINK_TIMEOUT
+class GenlSocket:
+    """One generic netlink family over a blocking socket: a request, then its answer.
 
-    def expired(_signum, _frame):
-        raise IPVSError(f"IPVS netlink {what} did not complete within {seconds} s; nothing else was changed "
-                        "after it (run the task again)")
+    `request` returns the decoded reply messages (a dump's parts; none for an
+    acknowledged change) or raises NetlinkError with the kernel's errno, or
+    IPVSError when no complete answer came within `timeout` seconds.
+    """
 
-    previous = signal.signal(signal.SIGALRM, expired)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
+    new_socket = staticmethod(socket.socket)  # the unit tests' fake kernel replaces this
+
+    def __init__(self, family, msg_class, timeout):
+        self.timeout = timeout
+        self.seq = 0
+        self.sock = self.new_socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_GENERIC)
+        try:
+            self.sock.bind((0, 0))
+            msg = ctrlmsg()
+            msg["cmd"] = CTRL_CMD_GETFAMILY
+            msg["version"] = 1
+            msg["attrs"] = [("CTRL_ATTR_FAMILY_NAME", family)]
+            (reply,) = self._request(GENL_ID_CTRL, ctrlmsg, msg, NLM_F_REQUEST | NLM_F_ACK, "family lookup")
+        except BaseException:
+            self.sock.close()
+            raise
+        self.family_id = reply.get_attr("CTRL_ATTR_FAMILY_ID")
+        self.msg_class = msg_class
+
+    def close(self):
+        self.sock.close()
+
+    def request(self, msg, flags, what):
+        return self._request(self.family_id, self.msg_class, msg, flags, what)
+
+    def _request(self, msg_type, msg_class, msg, flags, what):
+        self.seq += 1
+        msg["header"]["type"] = msg_type
+        msg["header"]["flags"] = flags
+        msg["header"]["sequence_number"] = self.seq
+        msg.encode()
+        deadline = time.monotonic() + self.timeout
+        self.sock.sendto(msg.data, (0, 0))
+        replies = []
+        while True:
+            try:
+                self.sock.settimeout(max(deadline - time.monotonic(), 0.001))
+                data = self.sock.recv(RECV_BUFFER)
+            except TimeoutError:
+                raise IPVSError(f"IPVS netlink {what}: no complete answer from the kernel within "
+                                f"{self.timeout} s; nothing else was changed after it (run the task again)") from None
+            for mtype, mflags, offset, length in self._messages(data):
+                if mtype == NLMSG_ERROR:
+                    (code,) = struct.unpack_from("i", data, offset + NLMSG_HDR.size)
+                    if code:
+                        raise NetlinkError(-code)
+                    return replies  # the acknowledgement
+                if mtype == NLMSG_DONE:
+                    return replies
+                reply = msg_class(data[offset:offset + length])
+                reply.decode()
+                replies.append(reply)
+                if not mflags & NLM_F_MULTI and not flags & NLM_F_ACK:
+                    return replies
+
+    def _messages(self, data):
+        """(type, flags, offset, length) of each message of this request in one datagram."""
+        offset = 0
+        while offset + NLMSG_HDR.size <= len(data):
+            length, mtype, mflags, seq, _port = NLMSG_HDR.unpack_from(data, offset)
+            if length < NLMSG_HDR.size:
+                return
+            if seq == self.seq:  # an earlier request's late answer is skipped
+                yield mtype, mflags, offset, length
+            offset += (length + 3) & ~3
 
 
 class Kernel:
-    """A thin wrapper over pyroute2's IPVS socket: the module's only boundary.
+    """The IPVS generic netlink family: the modules' only system boundary.
 
     `run_command` (AnsibleModule.run_command) is used for `modprobe ip_vs`.
     With load_module=False a missing family reads as an empty table (check
@@ -168,7 +245,7 @@ class Kernel:
         self.sock = None
         self.available = True
         try:
-            self.sock = IPVS()
+            self.sock = self._open()
         except NetlinkError as exc:
             if not _family_missing(exc):
                 raise IPVSError(f"cannot open the IPVS netlink family: {exc}") from exc
@@ -181,61 +258,61 @@ class Kernel:
             if rc != 0:
                 raise IPVSError(f"modprobe ip_vs failed: {err.strip()}") from exc
             try:
-                self.sock = IPVS()
+                self.sock = self._open()
             except NetlinkError as exc2:
                 raise IPVSError(f"IPVS netlink family still missing after modprobe ip_vs: {exc2}") from exc2
-        # Replies are parsed with the class registered for the family id.
-        self.sock.asyncore.marshal.msg_map[self.sock.prid] = ipvs_msg
+
+    @staticmethod
+    def _open():
+        return GenlSocket("IPVS", ipvs_msg, NETLINK_TIMEOUT)
 
     def close(self):
         if self.sock is not None:
             self.sock.close()
             self.sock = None
 
+    def _request(self, cmd, attrs, flags, what):
+        msg = ipvs_msg()
+        msg["cmd"] = getattr(genl_ipvs, cmd)
+        msg["version"] = genl_ipvs.GENL_VERSION
+        msg["attrs"] = attrs
+        return self.sock.request(msg, flags, what)
+
     # services and dests -------------------------------------------------
     def services(self):
         if not self.available:
             return []
-        with bounded("service dump"):
-            return list(self.sock.service("dump"))
+        return self._request("IPVS_CMD_GET_SERVICE", [], NLM_F_REQUEST | NLM_F_DUMP, "service dump")
 
     def dests(self, svc):
         if not self.available:
             return []
-        with bounded("real-server dump"):
-            return list(self.sock.dest("dump", service=service_request(svc)))
+        return self._request("IPVS_CMD_GET_DEST", [("IPVS_CMD_ATTR_SERVICE", service_request(svc).dump_key())],
+                             NLM_F_REQUEST | NLM_F_DUMP, "real-server dump")
 
     def service(self, verb, svc):
-        with bounded(f"service {verb}"):
-            self.sock.service(verb, service=service_request(svc))
+        cmd, flags = SERVICE_VERBS[verb]
+        self._request(cmd, [("IPVS_CMD_ATTR_SERVICE", service_request(svc).dump_nla())], flags, f"service {verb}")
 
     def dest(self, verb, svc, rs):
-        with bounded(f"real-server {verb}"):
-            self.sock.dest(verb, service=service_request(svc), dest=dest_request(rs))
+        cmd, flags = DEST_VERBS[verb]
+        self._request(cmd, [("IPVS_CMD_ATTR_SERVICE", service_request(svc).dump_key()),
+                            ("IPVS_CMD_ATTR_DEST", dest_request(rs).dump_nla())], flags, f"real-server {verb}")
 
     # sync daemons -------------------------------------------------------
-    def _daemon_request(self, cmd, attrs, flags):
-        # pyroute2 has no daemon verbs: send through the same request path
-        # its IPVS.service()/dest() use (the family id is already bound).
-        msg = ipvs_msg()
-        msg["cmd"] = cmd
-        msg["version"] = genl_ipvs.GENL_VERSION
-        msg["attrs"] = [("IPVS_CMD_ATTR_DAEMON", {"attrs": attrs})] if attrs else []
-        with bounded("sync-daemon request"):
-            return list(self.sock._run_with_cleanup(
-                self.sock.asyncore._do_request, msg, msg_flags=flags))
-
     def daemons(self):
         if not self.available:
             return []
-        return self._daemon_request(IPVS_CMD_GET_DAEMON, None, NLM_F_REQUEST | NLM_F_DUMP)
+        return self._request("IPVS_CMD_GET_DAEMON", [], NLM_F_REQUEST | NLM_F_DUMP, "sync-daemon dump")
 
     def start_daemon(self, daemon):
-        self._daemon_request(IPVS_CMD_NEW_DAEMON, daemon_attrs(daemon), NLM_F_REQUEST | NLM_F_ACK)
+        self._request("IPVS_CMD_NEW_DAEMON", [("IPVS_CMD_ATTR_DAEMON", {"attrs": daemon_attrs(daemon)})],
+                      NLM_F_REQUEST | NLM_F_ACK, "sync-daemon start")
 
     def stop_daemon(self, role):
-        attrs = [("IPVS_DAEMON_ATTR_STATE", DAEMON_STATES[role])]
-        self._daemon_request(IPVS_CMD_DEL_DAEMON, attrs, NLM_F_REQUEST | NLM_F_ACK)
+        self._request("IPVS_CMD_DEL_DAEMON",
+                      [("IPVS_CMD_ATTR_DAEMON", {"attrs": [("IPVS_DAEMON_ATTR_STATE", DAEMON_STATES[role])]})],
+                      NLM_F_REQUEST | NLM_F_ACK, "sync-daemon stop")
 
 
 def _family_missing(exc):
@@ -263,20 +340,20 @@ def netmask_from_wire(family, value):
 
 
 # --------------------------------------------------------------------------
-# Requests for pyroute2's IPVS.service()/dest() from plain dicts
+# Request attributes from plain dicts
 # --------------------------------------------------------------------------
 def _af(family):
     return socket.AF_INET if family == 4 else socket.AF_INET6
 
 
 class NlaRequest:
-    """Stands in for pyroute2's IPVSService/IPVSDest in IPVS.service()/dest().
+    """The nested IPVS_CMD_ATTR_SERVICE / _DEST attribute of one request.
 
-    Those classes pass every field through pyroute2's generic request filters,
-    which cost more than the netlink encoding itself (measured: about 40% of
-    the per-request CPU in a 10,000-entry run). IPVS needs a fixed attribute
-    list, built here; IPVS.service()/dest() only call dump_nla()/dump_key(),
-    and pyroute2's marshal still encodes the message.
+    Built directly rather than with pyroute2's IPVSService/IPVSDest: those
+    pass every field through generic request filters, which cost more than
+    the netlink encoding itself (measured: about 40% of the per-request CPU
+    in a 10,000-entry run). dump_nla() is the full entry, dump_key() only
+    the attributes that identify it; pyroute2's marshal encodes both.
     """
 
     __slots__ = ("attrs", "nkey")

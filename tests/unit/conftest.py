@@ -4,11 +4,13 @@ Plain `pytest tests/unit` from a checkout: the repository root is the
 collection openclb.lb, so link it as ansible_collections/openclb/lb in a
 temporary directory on sys.path (ansible-test units already provides it).
 
-The fake replaces pyroute2's `IPVS` socket class, the modules' only system
-boundary. Requests are really encoded to netlink bytes with pyroute2's
-marshal and decoded again before the fake "kernel" acts on them, and dump
-replies are real decoded messages, so the attribute layout (netmask
-encoding, flags, daemon NLAs) is exercised, not only the call sequence.
+The fake replaces the generic netlink socket itself, the modules' only system
+boundary (module_utils GenlSocket.new_socket). Requests arrive as the
+netlink bytes module_utils sends and are decoded with pyroute2 before the
+fake "kernel" acts on them; answers go back as kernel datagrams (dump parts,
+NLMSG_DONE, NLMSG_ERROR), so the framing, sequence matching and attribute
+layout (netmask encoding, flags, daemon NLAs) are exercised, not only the
+call sequence.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import errno
 import importlib.util
 import os
 import shutil
+import struct
 import sys
 import tempfile
 
@@ -34,18 +37,11 @@ if importlib.util.find_spec("ansible_collections") is None or \
     sys.path.insert(0, _tmp)
 
 from ansible_collections.openclb.lb.plugins.module_utils import ipvs as ipvs_mu  # noqa: E402
+from pyroute2.netlink import ctrlmsg  # noqa: E402
 from pyroute2.netlink.exceptions import NetlinkError  # noqa: E402
+from pyroute2.netlink.generic import ipvs as genl_ipvs  # noqa: E402
 
 GENL_ID = 0x20  # any id: the fake registers the message class under it
-
-
-def _roundtrip(msg):
-    """Encode to wire bytes and decode, as the kernel would see it."""
-    msg["header"]["type"] = GENL_ID
-    msg.encode()
-    out = ipvs_mu.ipvs_msg(msg.data)
-    out.decode()
-    return out
 
 
 def _attrs(nla):
@@ -60,7 +56,10 @@ class FakeKernelTable:
         self.daemons = {}  # state -> attrs
         self.calls = []  # (verb, kind, service key, dest key or None, attrs)
         self.loaded = True
-        self.opened = 0
+        self.opened = 0  # successful family lookups
+        self.sockets = []
+        self.silent = False  # IPVS requests get no answer (a hung kernel or library)
+        self.late_answer = False  # each answer comes after a stray one for the previous sequence
         self.fail = {}  # (verb, kind) -> errno, to simulate kernel refusals
 
     @staticmethod
@@ -84,43 +83,104 @@ class FakeKernelTable:
         return [c for c in self.calls if c[0] not in ("dump",)]
 
 
-class FakeIPVS:
-    """Stands in for pyroute2.IPVS (service/dest verbs, genl daemon requests)."""
+class FakeNetlinkSocket:
+    """Stands in for the generic netlink socket under module_utils' GenlSocket.
+
+    It takes the request bytes, decodes them with pyroute2 (the family lookup
+    and every IPVS command), acts on the table and answers with the datagrams
+    a kernel sends: dump parts flagged NLM_F_MULTI then NLMSG_DONE, or an
+    NLMSG_ERROR carrying 0 (the acknowledgement) or the errno.
+    """
 
     table = None  # set by the fixture
-    prid = GENL_ID
 
-    def __init__(self):
-        if not self.table.loaded:
-            raise NetlinkError(errno.ENOENT)
-        self.table.opened += 1
-
-        class _Marshal:
-            msg_map = {}
-
-        class _Async:
-            marshal = _Marshal()
-
-            async def _do_request(self, msg, msg_flags=0):
-                raise AssertionError("only reached through _run_with_cleanup")
-
-        self.asyncore = _Async()
+    def __init__(self, *_args):
+        self.answers = []
+        self.timeout = None
         self.closed = False
+        self.table.sockets.append(self)
+
+    def bind(self, _addr):
+        pass
+
+    def settimeout(self, seconds):
+        self.timeout = seconds
 
     def close(self):
         self.closed = True
 
-    # pyroute2 IPVS API -------------------------------------------------
-    def service(self, verb, service=None):
+    def recv(self, _bufsize):
+        if not self.answers:
+            raise TimeoutError("timed out")  # what a silent kernel looks like
+        return self.answers.pop(0)
+
+    def sendto(self, data, _addr):
+        _length, mtype, flags, seq, _port = ipvs_mu.NLMSG_HDR.unpack_from(data)
+        t = self.table
+        if t.late_answer:  # an earlier request's answer arriving late: skipped by sequence
+            self.answers.append(self._error(seq - 1, 0))
+        try:
+            if mtype == ipvs_mu.GENL_ID_CTRL:
+                replies = self._family(data)
+            elif t.silent:
+                return
+            else:
+                replies = self._ipvs(data)
+        except NetlinkError as exc:
+            self.answers.append(self._error(seq, exc.code))
+            return
+        parts = []
+        for msg in replies:
+            msg["header"]["type"] = GENL_ID if mtype != ipvs_mu.GENL_ID_CTRL else mtype
+            msg["header"]["flags"] = ipvs_mu.NLM_F_MULTI if flags & ipvs_mu.NLM_F_DUMP else 0
+            msg["header"]["sequence_number"] = seq
+            msg.encode()
+            parts.append(msg.data)
+        if flags & ipvs_mu.NLM_F_DUMP:
+            # two datagrams when there is more than one part, as long dumps are
+            half = max(len(parts) // 2, 1) if len(parts) > 1 else len(parts)
+            self.answers += [b"".join(parts[:half])] if half else []
+            self.answers.append(b"".join(parts[half:]) + self._done(seq))
+        else:
+            self.answers.append(b"".join(parts) + self._error(seq, 0))
+
+    @staticmethod
+    def _done(seq):
+        return ipvs_mu.NLMSG_HDR.pack(20, ipvs_mu.NLMSG_DONE, ipvs_mu.NLM_F_MULTI, seq, 0) + struct.pack("i", 0)
+
+    @staticmethod
+    def _error(seq, code):
+        request = ipvs_mu.NLMSG_HDR.pack(16, GENL_ID, 0, seq, 0)
+        return ipvs_mu.NLMSG_HDR.pack(36, ipvs_mu.NLMSG_ERROR, 0, seq, 0) + struct.pack("i", -code) + request
+
+    def _family(self, data):
+        msg = ctrlmsg(data)
+        msg.decode()
+        if not self.table.loaded or msg.get_attr("CTRL_ATTR_FAMILY_NAME") != "IPVS":
+            raise NetlinkError(errno.ENOENT)
+        self.table.opened += 1
+        reply = ctrlmsg()
+        reply["cmd"] = 1  # CTRL_CMD_NEWFAMILY
+        reply["version"] = 2
+        reply["attrs"] = [("CTRL_ATTR_FAMILY_ID", GENL_ID), ("CTRL_ATTR_FAMILY_NAME", "IPVS")]
+        return [reply]
+
+    def _ipvs(self, data):
+        msg = ipvs_mu.ipvs_msg(data)
+        msg.decode()
+        cmd = msg["cmd"]
+        for kind, handler in (("SERVICE", self._service), ("DEST", self._dest), ("DAEMON", self._daemon)):
+            for verb in ("NEW", "SET", "DEL", "GET"):
+                if cmd == getattr(genl_ipvs, f"IPVS_CMD_{verb}_{kind}", None):
+                    return handler(VERBS[verb], msg)
+        raise AssertionError(f"unexpected IPVS command {cmd}")
+
+    def _service(self, verb, msg):
         t = self.table
         if verb == "dump":
             t.calls.append(("dump", "service", None, None, None))
             return [self._svc_msg(s) for s in t.services.values()]
-        msg = ipvs_mu.ipvs_msg()
-        msg["cmd"] = 1
-        msg["version"] = 1
-        msg["attrs"] = [("IPVS_CMD_ATTR_SERVICE", service.dump_nla())]
-        a = _attrs(_roundtrip(msg).get_attr("IPVS_CMD_ATTR_SERVICE"))
+        a = _attrs(msg.get_attr("IPVS_CMD_ATTR_SERVICE"))
         key = t.svc_key(a)
         t.record(verb, "service", key, None, a)
         if verb == "add":
@@ -133,31 +193,22 @@ class FakeIPVS:
                 raise NetlinkError(errno.ESRCH)
             self._check_full(a)
             t.services[key]["attrs"] = a
-        elif verb == "del":
+        else:
             if key not in t.services:
                 raise NetlinkError(errno.ESRCH)
             del t.services[key]
-        else:
-            raise AssertionError(f"unexpected service verb {verb}")
         return []
 
-    def dest(self, verb, service, dest=None):
+    def _dest(self, verb, msg):
         t = self.table
-        msg = ipvs_mu.ipvs_msg()
-        msg["cmd"] = 5
-        msg["version"] = 1
-        msg["attrs"] = [("IPVS_CMD_ATTR_SERVICE", service.dump_key())]
-        if dest is not None:
-            msg["attrs"].append(("IPVS_CMD_ATTR_DEST", dest.dump_nla()))
-        decoded = _roundtrip(msg)
-        skey = t.svc_key(_attrs(decoded.get_attr("IPVS_CMD_ATTR_SERVICE")))
+        skey = t.svc_key(_attrs(msg.get_attr("IPVS_CMD_ATTR_SERVICE")))
         svc = t.services.get(skey)
         if verb == "dump":
             t.calls.append(("dump", "dest", skey, None, None))
             if svc is None:
                 raise NetlinkError(errno.ESRCH)
             return [self._dest_msg(d) for d in svc["dests"].values()]
-        a = _attrs(decoded.get_attr("IPVS_CMD_ATTR_DEST"))
+        a = _attrs(msg.get_attr("IPVS_CMD_ATTR_DEST"))
         dkey = t.dest_key(a)
         t.record(verb, "dest", skey, dkey, a)
         if svc is None:
@@ -170,12 +221,42 @@ class FakeIPVS:
             if dkey not in svc["dests"]:
                 raise NetlinkError(errno.ENOENT)
             svc["dests"][dkey] = a
-        elif verb == "del":
+        else:
             if dkey not in svc["dests"]:
                 raise NetlinkError(errno.ENOENT)
             del svc["dests"][dkey]
+        return []
+
+    def _daemon(self, verb, msg):
+        t = self.table
+        if verb == "dump":
+            t.calls.append(("dump", "daemon", None, None, None))
+            out = []
+            for a in t.daemons.values():
+                m = ipvs_mu.ipvs_msg()
+                m["cmd"] = genl_ipvs.IPVS_CMD_NEW_DAEMON
+                m["version"] = 1
+                m["attrs"] = [("IPVS_CMD_ATTR_DAEMON", {"attrs": list(a.items())})]
+                out.append(m)
+            return out
+        a = _attrs(msg.get_attr("IPVS_CMD_ATTR_DAEMON"))
+        state = a["IPVS_DAEMON_ATTR_STATE"]
+        t.record("new" if verb == "add" else verb, "daemon", state, None, a)
+        if verb == "add":
+            if state in t.daemons:
+                raise NetlinkError(errno.EEXIST)
+            full = {"IPVS_DAEMON_ATTR_SYNC_MAXLEN": 1472, "IPVS_DAEMON_ATTR_MCAST_PORT": 8848,
+                    "IPVS_DAEMON_ATTR_MCAST_TTL": 1, "IPVS_DAEMON_ATTR_MCAST_GROUP": "224.0.0.81"}
+            if "IPVS_DAEMON_ATTR_MCAST_GROUP6" in a:
+                full.pop("IPVS_DAEMON_ATTR_MCAST_GROUP")
+            full.update(a)  # the kernel fills defaults, reports everything
+            t.daemons[state] = full
+        elif verb == "del":
+            if state not in t.daemons:
+                raise NetlinkError(errno.ESRCH)
+            del t.daemons[state]
         else:
-            raise AssertionError(f"unexpected dest verb {verb}")
+            raise AssertionError(f"unexpected daemon verb {verb}")
         return []
 
     @staticmethod
@@ -196,10 +277,10 @@ class FakeIPVS:
         a["IPVS_SVC_ATTR_FLAGS"] = {"flags": flags["flags"] | ipvs_mu.F_HASHED, "mask": 0xFFFFFFFF}
         a["IPVS_SVC_ATTR_STATS64"] = self._stats(7)
         msg = ipvs_mu.ipvs_msg()
-        msg["cmd"] = 1
+        msg["cmd"] = genl_ipvs.IPVS_CMD_NEW_SERVICE
         msg["version"] = 1
         msg["attrs"] = [("IPVS_CMD_ATTR_SERVICE", {"attrs": list(a.items())})]
-        return _roundtrip(msg)
+        return msg
 
     def _dest_msg(self, d):
         a = dict(d)
@@ -208,53 +289,19 @@ class FakeIPVS:
         a["IPVS_DEST_ATTR_PERSIST_CONNS"] = 0
         a["IPVS_DEST_ATTR_STATS64"] = self._stats(3)
         msg = ipvs_mu.ipvs_msg()
-        msg["cmd"] = 5
+        msg["cmd"] = genl_ipvs.IPVS_CMD_NEW_DEST
         msg["version"] = 1
         msg["attrs"] = [("IPVS_CMD_ATTR_DEST", {"attrs": list(a.items())})]
-        return _roundtrip(msg)
+        return msg
 
-    # raw generic netlink (sync daemons) ---------------------------------
-    def _run_with_cleanup(self, func, msg, msg_flags=0):
-        assert func.__name__ == "_do_request"
-        t = self.table
-        decoded = _roundtrip(msg)
-        cmd = decoded["cmd"]
-        if cmd == ipvs_mu.IPVS_CMD_GET_DAEMON:
-            t.calls.append(("dump", "daemon", None, None, None))
-            out = []
-            for a in t.daemons.values():
-                m = ipvs_mu.ipvs_msg()
-                m["cmd"] = cmd
-                m["version"] = 1
-                m["attrs"] = [("IPVS_CMD_ATTR_DAEMON", {"attrs": list(a.items())})]
-                out.append(_roundtrip(m))
-            return out
-        a = _attrs(decoded.get_attr("IPVS_CMD_ATTR_DAEMON"))
-        state = a["IPVS_DAEMON_ATTR_STATE"]
-        if cmd == ipvs_mu.IPVS_CMD_NEW_DAEMON:
-            t.record("new", "daemon", state, None, a)
-            if state in t.daemons:
-                raise NetlinkError(errno.EEXIST)
-            full = {"IPVS_DAEMON_ATTR_SYNC_MAXLEN": 1472, "IPVS_DAEMON_ATTR_MCAST_PORT": 8848,
-                    "IPVS_DAEMON_ATTR_MCAST_TTL": 1, "IPVS_DAEMON_ATTR_MCAST_GROUP": "224.0.0.81"}
-            if "IPVS_DAEMON_ATTR_MCAST_GROUP6" in a:
-                full.pop("IPVS_DAEMON_ATTR_MCAST_GROUP")
-            full.update(a)  # the kernel fills defaults, reports everything
-            t.daemons[state] = full
-        elif cmd == ipvs_mu.IPVS_CMD_DEL_DAEMON:
-            t.record("del", "daemon", state, None, a)
-            if state not in t.daemons:
-                raise NetlinkError(errno.ESRCH)
-            del t.daemons[state]
-        else:
-            raise AssertionError(f"unexpected daemon command {cmd}")
-        return []
+
+VERBS = {"NEW": "add", "SET": "set", "DEL": "del", "GET": "dump"}
 
 
 @pytest.fixture
 def kernel_table(monkeypatch):
-    """A fresh fake IPVS table; pyroute2's IPVS is replaced by FakeIPVS."""
+    """A fresh fake IPVS table behind a fake netlink socket (FakeNetlinkSocket)."""
     table = FakeKernelTable()
-    fake = type("FakeIPVSBound", (FakeIPVS,), {"table": table})
-    monkeypatch.setattr(ipvs_mu, "IPVS", fake)
+    fake = type("FakeNetlinkSocketBound", (FakeNetlinkSocket,), {"table": table})
+    monkeypatch.setattr(ipvs_mu.GenlSocket, "new_socket", fake)
     return table
