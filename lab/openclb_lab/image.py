@@ -46,7 +46,7 @@ MASKED_UNITS = [
     "ipvsadm.service",  # Debian's boot-time rule loader: IPVS state belongs to keepalived and the modules
 ]
 IMAGE_SIZE = "3G"
-RECIPE_VERSION = "5"  # bump when the customisation below changes
+RECIPE_VERSION = "6"  # bump when the customisation below changes
 
 
 def uml_kernel_version() -> str:
@@ -130,14 +130,17 @@ def customise(root: Path) -> None:
     shutil.rmtree(mods, ignore_errors=True)
     shutil.copytree(UML_MODULES / kver, mods, symlinks=True)
 
-    shutil.copy(GUEST_FILES / "openclb-lab-net", root / "usr/local/sbin/openclb-lab-net")
-    (root / "usr/local/sbin/openclb-lab-net").chmod(0o755)
-    shutil.copy(GUEST_FILES / "openclb-lab-net.service", root / "etc/systemd/system/openclb-lab-net.service")
+    # early network from the kernel command line; the ubd queue kicker
+    # (its docstring says why)
     wants = root / "etc/systemd/system/sysinit.target.wants"
     wants.mkdir(parents=True, exist_ok=True)
-    link = wants / "openclb-lab-net.service"
-    if not link.is_symlink():
-        link.symlink_to("/etc/systemd/system/openclb-lab-net.service")
+    for name in ("openclb-lab-net", "openclb-lab-ubd-kick"):
+        shutil.copy(GUEST_FILES / name, root / "usr/local/sbin" / name)
+        (root / "usr/local/sbin" / name).chmod(0o755)
+        shutil.copy(GUEST_FILES / f"{name}.service", root / f"etc/systemd/system/{name}.service")
+        link = wants / f"{name}.service"
+        if not link.is_symlink():
+            link.symlink_to(f"/etc/systemd/system/{name}.service")
 
     # The kernel mounts the root read-write (`rw`); an fstab entry would only make
     # systemd wait for udev to announce the device.
