@@ -125,11 +125,11 @@ if PYROUTE2_IMPORT_ERROR is None:
 # --------------------------------------------------------------------------
 # pyroute2 encodes and decodes the messages; the request itself is sent and
 # answered here, on a plain blocking socket with a timeout. pyroute2 0.9's own
-# request path runs every request through an asyncio event loop; in the lab a
-# weight change on a MASTER holding about 2,000 connections spun there at
-# 100 % CPU for over 10 minutes, twice, and a SIGALRM bound did not stop it
-# (asyncio catches exceptions raised inside its callbacks). A socket timeout
-# cannot be swallowed, and one request at a time needs no event loop.
+# request path runs every request through an asyncio event loop; in the lab
+# one weight change on a MASTER holding about 2,000 connections was seen
+# spinning there at 100 % CPU for over 10 minutes, and a SIGALRM bound cannot
+# be relied on inside it (asyncio catches exceptions raised in its callbacks).
+# A socket timeout cannot be swallowed, and one request needs no event loop.
 # include/uapi/linux/netlink.h, genetlink.h
 NETLINK_GENERIC = 16
 NLMSG_HDR = struct.Struct("IHHII")  # length, type, flags, sequence, port id
