@@ -39,8 +39,7 @@ import pytest
 import test_ha as ha
 from conftest import REPO, require_hosts
 
-# slow: in one CI run a weight change hung past the netlink bound (docs/ha.md)
-pytestmark = [pytest.mark.lab, pytest.mark.slow]
+pytestmark = pytest.mark.lab
 
 HERE = Path(__file__).resolve().parent
 LVS = ha.LVS
@@ -52,10 +51,15 @@ SERVICES = {
     "l7": ["openclb-keyclient-tunnel", "nginx", "openclb-healthd", "openclb-keyclient-watchdog"],
 }
 PLAYBOOK = os.environ.get("OPENCLB_ANSIBLE_PLAYBOOK", str(Path(sys.executable).with_name("ansible-playbook")))
-# s: the rollout's time limit, the traffic's too. The playbook took 5-6 min
+# s: the rollout's time limit, the traffic's too. The playbook took 4-6 min
 # on a quiet lab, 12+ min at load 20 (docs/ha.md); a hang must not eat the
-# CI budget (each netlink request is bounded at 60 s, module_utils/ipvs.py).
+# CI budget.
 BOUND = 600
+
+
+def not_running(lab, host, units):
+    states = lab.run(host, ["systemctl", "is-active", *[f"{u}.service" for u in units]], check=False).stdout.split()
+    return [u for u, state in zip(units, states, strict=True) if state != "active"]
 
 
 def started_at(lab, host, units):
@@ -69,6 +73,9 @@ def started_at(lab, host, units):
 def test_rolling_upgrade_under_traffic(lab, tmp_path):
     require_hosts(lab, HOSTS)
     master = ha.settled_master(timeout=30)
+    down = {h: not_running(lab, h, SERVICES["lvs" if h in LVS else "l7"]) for h in (*LVS, *L7)}
+    assert not any(down.values()), (f"not running before the rollout: {down} (a rollout stopped half-way "
+                                    "leaves them so; converge the lab again)")
     before = {h: started_at(lab, h, SERVICES["lvs" if h in LVS else "l7"]) for h in (*LVS, *L7)}
     mark, stop = tmp_path / "warm", tmp_path / "stop"
     t_start = time.time()
