@@ -163,7 +163,9 @@ class GenlSocket:
 
     `request` returns the decoded reply messages (a dump's parts; none for an
     acknowledged change) or raises NetlinkError with the kernel's errno, or
-    IPVSError when no complete answer came within `timeout` seconds.
+    IPVSError when no complete answer came within `timeout` seconds. Every
+    request is a dump (NLM_F_DUMP) or asks for an acknowledgement
+    (NLM_F_ACK), so its answer always ends in NLMSG_DONE or NLMSG_ERROR.
     """
 
     new_socket = staticmethod(socket.socket)  # the unit tests' fake kernel replaces this
@@ -207,7 +209,7 @@ class GenlSocket:
             except TimeoutError:
                 raise IPVSError(f"IPVS netlink {what}: no complete answer from the kernel within "
                                 f"{self.timeout} s; nothing else was changed after it (run the task again)") from None
-            for mtype, mflags, offset, length in self._messages(data):
+            for mtype, offset, length in self._messages(data):
                 if mtype == NLMSG_ERROR:
                     (code,) = struct.unpack_from("i", data, offset + NLMSG_HDR.size)
                     if code:
@@ -218,18 +220,16 @@ class GenlSocket:
                 reply = msg_class(data[offset:offset + length])
                 reply.decode()
                 replies.append(reply)
-                if not mflags & NLM_F_MULTI and not flags & NLM_F_ACK:
-                    return replies
 
     def _messages(self, data):
-        """(type, flags, offset, length) of each message of this request in one datagram."""
+        """(type, offset, length) of each message of this request in one datagram."""
         offset = 0
         while offset + NLMSG_HDR.size <= len(data):
-            length, mtype, mflags, seq, _port = NLMSG_HDR.unpack_from(data, offset)
+            length, mtype, _flags, seq, _port = NLMSG_HDR.unpack_from(data, offset)
             if length < NLMSG_HDR.size:
                 return
             if seq == self.seq:  # an earlier request's late answer is skipped
-                yield mtype, mflags, offset, length
+                yield mtype, offset, length
             offset += (length + 3) & ~3
 
 

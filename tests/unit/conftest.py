@@ -138,8 +138,9 @@ class FakeNetlinkSocket:
             parts.append(msg.data)
         if flags & ipvs_mu.NLM_F_DUMP:
             # two datagrams when there is more than one part, as long dumps are
-            half = max(len(parts) // 2, 1) if len(parts) > 1 else len(parts)
-            self.answers += [b"".join(parts[:half])] if half else []
+            half = max(len(parts) // 2, 1)
+            if parts:
+                self.answers.append(b"".join(parts[:half]))
             self.answers.append(b"".join(parts[half:]) + self._done(seq))
         else:
             self.answers.append(b"".join(parts) + self._error(seq, 0))
