@@ -57,26 +57,23 @@ PLAYBOOK = os.environ.get("OPENCLB_ANSIBLE_PLAYBOOK", str(Path(sys.executable).w
 BOUND = 600
 
 
-def not_running(lab, host, units):
-    states = lab.run(host, ["systemctl", "is-active", *[f"{u}.service" for u in units]], check=False).stdout.split()
-    return [u for u, state in zip(units, states, strict=True) if state != "active"]
-
-
-def started_at(lab, host, units):
-    """Each unit's last activation (monotonic µs): changes iff it was restarted."""
-    out = lab.sh(host, ["systemctl", "show", "-p", "Id,ActiveEnterTimestampMonotonic", *[f"{u}.service" for u in units]])
+def units(lab, host):
+    """The node's tier services: (ActiveState, last activation in monotonic µs; it changes iff restarted)."""
+    names = [f"{u}.service" for u in SERVICES["lvs" if host in LVS else "l7"]]
+    out = lab.sh(host, ["systemctl", "show", "-p", "Id,ActiveState,ActiveEnterTimestampMonotonic", *names])
     ids = re.findall(r"^Id=(.*)$", out, re.M)
+    states = re.findall(r"^ActiveState=(.*)$", out, re.M)
     stamps = re.findall(r"^ActiveEnterTimestampMonotonic=(\d+)$", out, re.M)
-    return dict(zip(ids, stamps, strict=True))
+    return {i: (state, stamp) for i, state, stamp in zip(ids, states, stamps, strict=True)}
 
 
 def test_rolling_upgrade_under_traffic(lab, tmp_path):
     require_hosts(lab, HOSTS)
     master = ha.settled_master(timeout=30)
-    down = {h: not_running(lab, h, SERVICES["lvs" if h in LVS else "l7"]) for h in (*LVS, *L7)}
+    before = {h: units(lab, h) for h in (*LVS, *L7)}
+    down = {h: [u for u, (state, _t) in us.items() if state != "active"] for h, us in before.items()}
     assert not any(down.values()), (f"not running before the rollout: {down} (a rollout stopped half-way "
                                     "leaves them so; converge the lab again)")
-    before = {h: started_at(lab, h, SERVICES["lvs" if h in LVS else "l7"]) for h in (*LVS, *L7)}
     mark, stop = tmp_path / "warm", tmp_path / "stop"
     t_start = time.time()
     driver = subprocess.Popen(
@@ -115,7 +112,7 @@ def test_rolling_upgrade_under_traffic(lab, tmp_path):
     report = json.loads(out)
     tail = play.stdout[-6000:]
     warmups = re.findall(r"holds \d+ connection entries \(MASTER: [^)]*\)", play.stdout)
-    after = {h: started_at(lab, h, SERVICES["lvs" if h in LVS else "l7"]) for h in (*LVS, *L7)}
+    after = {h: units(lab, h) for h in (*LVS, *L7)}
     moves = {h: [(t[1], round(float(t[0]) - t_start, 1)) for t in ha.transitions(h) if float(t[0]) >= t_start]
              for h in LVS}
     p = report["probe"]
@@ -133,7 +130,7 @@ def test_rolling_upgrade_under_traffic(lab, tmp_path):
     assert p["ok"] > 0 and p["failed"] == 0, f"failed requests at {p['failed_at']}"
     for group, g in report["groups"].items():
         assert g["count"] == g["alive"] == ha.HELD, f"held {group} connections lost: {g['failed']}"
-    not_restarted = {h: [u for u, t in after[h].items() if t == before[h].get(u) or t == "0"] for h in after}
+    not_restarted = {h: [u for u, (_s, t) in after[h].items() if t == before[h][u][1] or t == "0"] for h in after}
     assert not any(not_restarted.values()), f"services not restarted: {not_restarted}"
     # One switch: the peer (restarted first, as BACKUP: STOP, BACKUP) took the
     # VIPs once, when the old MASTER was demoted, and kept them; the old
