@@ -3,6 +3,10 @@
 import importlib.machinery
 import importlib.util
 import os
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 
@@ -108,3 +112,52 @@ def test_connections_an_upgrade_left_behind_do_not_count_again(dog):
     # and once the old connections are gone they are forgotten
     dog.dead_key_server({})
     assert not dog.blamed
+
+
+DEADLOCK = "import threading; lock = threading.Lock(); lock.acquire(); print('held', flush=True); lock.acquire()"
+
+
+def test_a_worker_in_a_lock_wait_is_killed_after_the_delay_and_others_are_left_alone(wd, dog):
+    # Real processes on the real kernel: one waits on a lock it holds itself (what a
+    # frozen worker does), one sleeps, one waits for input.
+    frozen = subprocess.Popen([sys.executable, "-c", DEADLOCK], stdout=subprocess.PIPE, text=True)
+    sleeping = subprocess.Popen(["sleep", "30"])
+    reading = subprocess.Popen(["cat"], stdin=subprocess.PIPE)
+    try:
+        assert frozen.stdout.readline() == "held\n"
+        dog.cfg["frozen_worker_after"] = 0.3
+        workers = [frozen.pid, sleeping.pid, reading.pid]
+        deadline = time.monotonic() + 10
+        while frozen.poll() is None and time.monotonic() < deadline:
+            dog.kill_frozen_workers(workers)
+            time.sleep(0.1)
+        assert frozen.wait(5) == -signal.SIGKILL
+        assert sleeping.poll() is None and reading.poll() is None
+        assert not wd.in_lock_wait(sleeping.pid) and not wd.in_lock_wait(reading.pid)
+    finally:
+        for p in (frozen, sleeping, reading):
+            p.kill()
+            p.wait()
+
+
+def test_a_lock_wait_must_last_at_every_look(wd, dog, monkeypatch):
+    clock, waiting, killed = [0.0], set(), []
+    monkeypatch.setattr(wd.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(wd, "in_lock_wait", lambda pid: pid in waiting)
+    monkeypatch.setattr(wd.os, "kill", lambda pid, sig: killed.append((pid, sig)))
+    dog.cfg["frozen_worker_after"] = 2.0
+
+    def look(at, *pids):
+        clock[0] = at
+        waiting.clear()
+        waiting.update(pids)
+        dog.kill_frozen_workers([101, 102])
+
+    look(0.0, 101, 102)
+    look(1.5, 101)  # 102 got the lock: a short wait, contention
+    look(2.0, 101, 102)  # 102 waits again: its count starts again
+    assert killed == [(101, signal.SIGKILL)]
+    look(3.9, 102)
+    assert killed == [(101, signal.SIGKILL)]
+    look(4.0, 102)
+    assert killed == [(101, signal.SIGKILL), (102, signal.SIGKILL)]
