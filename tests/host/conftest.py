@@ -28,4 +28,7 @@ def chain():
         yield c
     finally:
         c.teardown()
-        shutil.rmtree(c.dir, ignore_errors=True)
+        if os.environ.get("OPENCLB_KEEP_CHAIN"):
+            print(f"\nkey-server chain kept in {c.dir} (OPENCLB_KEEP_CHAIN)")
+        else:
+            shutil.rmtree(c.dir, ignore_errors=True)

@@ -154,8 +154,9 @@ def test_blackholed_key_server_does_not_freeze_workers(chain):
 
 def test_both_key_servers_down(chain):
     try:
-        full = chain.load_async("ec-ks", 10, concurrency=2, timeout=3.0)
-        resumed = chain.load_async("rsa-ks", 10, concurrency=1, resume=True)
+        # Clients wait up to 10 s, as in the lab: a hang shows as a slow failure.
+        full = chain.load_async("ec-ks", 10, concurrency=2, timeout=10.0)
+        resumed = chain.load_async("rsa-ks", 10, concurrency=1, resume=True, timeout=10.0)
         time.sleep(1.5)
         down = time.time()
         chain.stop_keyserver("ks1")
@@ -165,29 +166,39 @@ def test_both_key_servers_down(chain):
         chain.start_keyserver("ks2")
         f = json.loads(full.communicate(timeout=60)[0])
         r = json.loads(resumed.communicate(timeout=60)[0])
-        down_at, back_at = down - f["start_epoch"], back - f["start_epoch"]
-        failed = [e for e in f["timeline"] if not e[1]]
-        # "New" handshakes: started once both were gone. One already waiting on a
-        # key operation when its key server was killed may fail either way.
-        new = [e for e in failed if e[0] >= down_at + 0.5]
-        print(f"\n[both down] full handshakes ok={f['ok']} failed={f['failed']} errors={f['errors']}"
-              f" slowest new failure {max((e[2] for e in new), default=0):.3f} s;"
+
+        def while_down(report):
+            """Handshakes started once both were gone and before ks2 was started again.
+            One already waiting on a key operation when its key server was killed may
+            fail either way."""
+            down_at, back_at = down - report["start_epoch"], back - report["start_epoch"]
+            return [e for e in report["timeline"] if down_at + 0.5 <= e[0] < back_at]
+
+        new = while_down(f)
+        new_failed = [e for e in new if not e[1]]
+        rec_full, rec_resumed = recovery(f, back), recovery(r, back)
+        with open(os.path.join(chain.dir, "watchdog.log")) as log:
+            frozen = [line.strip() for line in log if "frozen" in line]
+        print(f"\n[both down] full handshakes ok={f['ok']} failed={f['failed']} errors={f['errors']};"
+              f" while down: {len(new_failed)} of {len(new)} failed, slowest failure"
+              f" {max((e[2] for e in new_failed), default=0):.3f} s;"
               f" resumed ok={r['ok']} failed={r['failed']} errors={r['errors']}")
-        print("[both down] failures in flight at the stop:",
-              [e for e in failed if e[0] < down_at + 0.5][:5], "resumed failures:",
-              [[round(e[0] - (down - r["start_epoch"]), 3), e[2], e[3]] for e in r["timeline"] if not e[1]])
-        # New full handshakes get a TLS alert, promptly: no hang until the client's timeout.
-        assert new and all(e[3].startswith("tls:") for e in new), f["errors"]
-        assert max(e[2] for e in new) < 1.0
+        print(f"[both down] after ks2 came back: every handshake started {rec_full:.2f} s (full) /"
+              f" {rec_resumed:.2f} s (resumed) later or more succeeded; frozen workers killed: {frozen}")
+        # While both are down, every new full handshake gets a TLS alert, promptly:
+        # no hang until the client's timeout.
+        assert new_failed and all(e[3].startswith("tls:") for e in new_failed), f["errors"]
+        assert len(new_failed) == len(new), "a full handshake succeeded with no key server"
+        assert max(e[2] for e in new_failed) < 1.0
         # Resumed sessions never need the key server (the same in-flight allowance:
         # a worker busy with a key operation at the kill serves its queue late).
-        r_down = down - r["start_epoch"]
-        assert not [e for e in r["timeline"] if not e[1] and e[0] >= r_down + 0.5], r["errors"]
+        assert not [e for e in while_down(r) if not e[1]], r["errors"]
         assert r["resumed"] >= r["ok"] - 1
-        # Recovery once ks2 is back, without a manual restart.
-        assert f["timeline"][-1][1], "still failing at the end"
-        last_fail = max(e[0] + e[2] for e in failed)
-        print(f"[both down] recovered {max(0.0, last_fail - back_at):.2f} s after ks2 came back")
+        # Recovery once ks2 is back, without a manual restart. A new worker that froze
+        # on its first key operation (libp11, see the watchdog) costs the connections
+        # it had accepted; the watchdog kills it within frozen_worker_after.
+        assert rec_full < 5.0 and rec_resumed < 5.0
+        assert f["timeline"][-1][1] and r["timeline"][-1][1], "still failing at the end"
     finally:
         both_up(chain)
 
