@@ -150,9 +150,13 @@ class Chain:
     def addr(self, peer, side):
         return f"10.250.{LINKS[peer]}.{1 if side == 'l7' else 2}"
 
+    def log_path(self, key):
+        """Where a spawned process's stdout and stderr go."""
+        return os.path.join(self.dir, key + ".log")
+
     def spawn(self, key, short, argv, env=None, user=None):
         pre = ["setpriv", "--reuid", user, "--regid", user, "--init-groups"] if user else []
-        log = open(os.path.join(self.dir, key + ".log"), "ab")
+        log = open(self.log_path(key), "ab")
         full_env = dict(os.environ, **(env or {}))
         p = subprocess.Popen(["ip", "netns", "exec", self.ns(short)] + pre + [str(a) for a in argv],
                              stdout=log, stderr=subprocess.STDOUT, env=full_env, start_new_session=True)

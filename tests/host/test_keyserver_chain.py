@@ -177,7 +177,7 @@ def test_both_key_servers_down(chain):
         new = while_down(f)
         new_failed = [e for e in new if not e[1]]
         rec_full, rec_resumed = recovery(f, back), recovery(r, back)
-        with open(os.path.join(chain.dir, "watchdog.log")) as log:
+        with open(chain.log_path("watchdog")) as log:
             frozen = [line.strip() for line in log if "frozen" in line]
         print(f"\n[both down] full handshakes ok={f['ok']} failed={f['failed']} errors={f['errors']};"
               f" while down: {len(new_failed)} of {len(new)} failed, slowest failure"
