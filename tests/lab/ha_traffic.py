@@ -91,10 +91,19 @@ def main():
     probes = {}
     probe_ok = []
     probe_fail = []  # start times (s from the run's start) of failed probes
+    probe_why = []  # (start, s until it failed, why) of each failed probe
     next_probe = time.monotonic()
     t0 = time.monotonic()
     wall0 = time.time()
     end = t0 + duration
+
+    def probe_failed(s, st, why):
+        now = time.monotonic()
+        probe_fail.append(st[0] - t0)
+        probe_why.append([round(st[0] - t0, 3), round(now - st[0], 3), why, len(st[1])])
+        sel.unregister(s)
+        s.close()
+        del probes[s]
 
     def fail(h, why):
         if h.error is None:
@@ -133,10 +142,7 @@ def main():
             sel.register(s, selectors.EVENT_WRITE, None)
         for s, st in list(probes.items()):
             if now - st[0] > args.probe_timeout:
-                sel.unregister(s)
-                s.close()
-                del probes[s]
-                probe_fail.append(st[0] - t0)
+                probe_failed(s, st, "timeout, " + ("no connection" if not st[2] else "request sent"))
         for key, events in sel.select(timeout=0.01):
             h = key.data
             if h is None:  # a probe
@@ -146,8 +152,9 @@ def main():
                     continue
                 try:
                     if events & selectors.EVENT_WRITE and not st[2]:
-                        if s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR):
-                            raise OSError("connect failed")
+                        err = s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+                        if err:
+                            raise OSError(err, "connect: " + errno.errorcode.get(err, str(err)))
                         s.send(PROBE)
                         st[2] = True
                         sel.modify(s, selectors.EVENT_READ, None)
@@ -155,19 +162,15 @@ def main():
                     data = s.recv(4096)
                     st[1] += data
                     done, _ = parse_response(st[1])
-                    if done or not data:
-                        if done:
-                            probe_ok.append(time.monotonic() - t0)
-                        else:
-                            probe_fail.append(st[0] - t0)
+                    if done:
+                        probe_ok.append(time.monotonic() - t0)
                         sel.unregister(s)
                         s.close()
                         del probes[s]
-                except OSError:
-                    probe_fail.append(st[0] - t0)
-                    sel.unregister(s)
-                    s.close()
-                    del probes[s]
+                    elif not data:
+                        probe_failed(s, st, "closed before a whole answer")
+                except OSError as exc:
+                    probe_failed(s, st, exc.strerror if exc.strerror else errno.errorcode.get(exc.errno, str(exc)))
                 continue
             if events & selectors.EVENT_WRITE and not h.connected:
                 err = h.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
@@ -221,6 +224,8 @@ def main():
             "ok": len(probe_ok),
             "failed": len(probe_fail),
             "failed_at": [round(t, 3) for t in probe_fail],
+            # [start, s until it failed, why, bytes received] of each failure
+            "failures": probe_why,
             "max_gap": round(gaps[worst], 3) if gaps else None,
             "max_gap_at": round(probe_ok[worst], 3) if gaps else None,
             # the three longest gaps: [start (s from the run's start), length]

@@ -121,7 +121,7 @@ def test_rolling_upgrade_under_traffic(lab, tmp_path):
     p = report["probe"]
     print(f"\nrolling_upgrade.yml over {', '.join((*LVS, *L7))}: {took:.0f} s, exit {play.returncode}")
     print(f"  HTTP through {HTTP} (LVS -> nginx -> backends): {p['ok']} ok, {p['failed']} failed "
-          f"{p['failed_at'][:10]}; longest gap {p['max_gap']} s")
+          f"{p['failures'][:10]}; longest gap {p['max_gap']} s")
     for group, g in report["groups"].items():
         print(f"  held {group}: {g['alive']}/{g['count']} alive, failed {g['failed'][:5]}, "
               f"longest stall {g['max_stall']} s")
@@ -130,7 +130,7 @@ def test_rolling_upgrade_under_traffic(lab, tmp_path):
 
     assert took < BOUND, f"rolling_upgrade.yml still running after {BOUND} s (log {log}):\n{tail[-4000:]}"
     assert play.returncode == 0, tail
-    assert p["ok"] > 0 and p["failed"] == 0, f"failed requests at {p['failed_at']}"
+    assert p["ok"] > 0 and p["failed"] == 0, f"failed requests [start s, after s, why, bytes]: {p['failures']}"
     for group, g in report["groups"].items():
         assert g["count"] == g["alive"] == ha.HELD, f"held {group} connections lost: {g['failed']}"
     not_restarted = {h: [u for u, (_s, t) in after[h].items() if t == before[h][u][1] or t == "0"] for h in after}
