@@ -1,0 +1,173 @@
+"""openclb-vrrp-peers (roles/lvs/files): VRRP advert parsing, the state file's
+write policy and the takeover arithmetic."""
+
+import importlib.machinery
+import importlib.util
+import json
+import os
+import socket
+import struct
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", ".."))
+SCRIPT = os.path.join(ROOT, "roles", "lvs", "files", "openclb-vrrp-peers")
+
+PEERS = {"203.0.113.12", "10.99.0.12", "2001:db8::12"}
+VRIDS = {51, 52}
+
+
+@pytest.fixture(scope="module")
+def vp():
+    loader = importlib.machinery.SourceFileLoader("openclb_vrrp_peers", SCRIPT)
+    spec = importlib.util.spec_from_loader(loader.name, loader)
+    module = importlib.util.module_from_spec(spec)
+    loader.exec_module(module)
+    return module
+
+
+def vrrp(version=3, kind=1, vrid=51, priority=150):
+    """A VRRP packet as keepalived sends it: header, then one IPv4 address."""
+    first = version << 4 | kind
+    return struct.pack("!BBBBHH", first, vrid, priority, 1, 100, 0) + socket.inet_aton("203.0.113.10")
+
+
+def ipv4(payload, source="203.0.113.12", options=b""):
+    """An IPv4 packet as an AF_INET raw socket reads it (header, options, payload)."""
+    ihl = 5 + len(options) // 4
+    header = struct.pack("!BBHHHBBH4s4s", 4 << 4 | ihl, 0xC0, 4 * ihl + len(payload), 0, 0, 255, 112, 0,
+                         socket.inet_aton(source), socket.inet_aton("224.0.0.18"))
+    return header + options + payload
+
+
+# --- parsing ------------------------------------------------------------------
+
+
+def test_ipv4_header_without_options(vp):
+    assert vp.ipv4_packet(ipv4(vrrp())) == ("203.0.113.12", vrrp())
+
+
+def test_ipv4_header_with_options_is_skipped_by_ihl(vp):
+    router_alert = b"\x94\x04\x00\x00"  # IHL 6
+    source, payload = vp.ipv4_packet(ipv4(vrrp(priority=100), options=router_alert))
+    assert (source, payload) == ("203.0.113.12", vrrp(priority=100))
+    assert vp.parse_advert(payload) == (3, 51, 100)
+
+
+@pytest.mark.parametrize("packet", [
+    b"",
+    ipv4(vrrp())[:19],  # shorter than an IPv4 header
+    b"\x65" + ipv4(vrrp())[1:],  # version 6 in an IPv4 socket's header
+    b"\x44" + ipv4(vrrp())[1:],  # IHL 4: below the minimum
+    b"\x4f" + ipv4(vrrp())[1:32],  # IHL 15 (60 bytes) in a 32-byte packet
+])
+def test_malformed_ipv4_packets(vp, packet):
+    assert vp.ipv4_packet(packet) is None
+
+
+@pytest.mark.parametrize("payload, expected", [
+    (vrrp(version=3, vrid=51, priority=150), (3, 51, 150)),
+    (vrrp(version=2, vrid=52, priority=100), (2, 52, 100)),
+    (vrrp(version=2, vrid=51, priority=0), (2, 51, 0)),
+    (vrrp(kind=2), None),  # not an advertisement
+    (vrrp(version=1), None),
+    (vrrp()[:7], None),  # shorter than a VRRP header
+])
+def test_parse_advert(vp, payload, expected):
+    assert vp.parse_advert(payload) == expected
+
+
+def test_peer_advert_keeps_only_peers_vrids_and_real_priorities(vp):
+    assert vp.peer_advert("203.0.113.12", vrrp(), PEERS, VRIDS) == (150, 51, "203.0.113.12")
+    assert vp.peer_advert("10.99.0.12", vrrp(version=2, vrid=52, priority=151), PEERS, VRIDS) == (
+        151, 52, "10.99.0.12")
+    # IPv6 sources as recvfrom gives them (any spelling, a scope suffix)
+    assert vp.peer_advert("2001:0db8::0012%front", vrrp(), PEERS, VRIDS) == (150, 51, "2001:db8::12")
+    assert vp.peer_advert("203.0.113.11", vrrp(), PEERS, VRIDS) is None  # not a peer (this node)
+    assert vp.peer_advert("203.0.113.12", vrrp(vrid=61), PEERS, VRIDS) is None  # another cluster
+    assert vp.peer_advert("203.0.113.12", vrrp(priority=0), PEERS, VRIDS) is None  # "I am leaving"
+    assert vp.peer_advert("203.0.113.12", vrrp(kind=2), PEERS, VRIDS) is None
+
+
+def test_load_config_normalises_addresses(vp, tmp_path):
+    conf = tmp_path / "peers.json"
+    conf.write_text(json.dumps({"_comment": "x", "peers": ["10.99.0.12", "2001:DB8:0::12"], "vrids": [51],
+                                "ipv6": True}))
+    assert vp.load_config(str(conf)) == {"peers": {"10.99.0.12", "2001:db8::12"}, "vrids": {51}, "ipv6": True}
+
+
+# --- the state file -----------------------------------------------------------
+
+
+class Clock:
+    def __init__(self, now):
+        self.now = now
+
+    def __call__(self):
+        return self.now
+
+
+def test_recorder_writes_a_change_at_once_and_an_unchanged_priority_once_a_second(vp, tmp_path):
+    path = tmp_path / "vrrp-peer-priority"
+    clock = Clock(1000.0)
+    rec = vp.Recorder(str(path), clock=clock)
+    assert rec.seen(150, 51, "203.0.113.12")
+    assert path.read_text() == "150 51 203.0.113.12 1000\n"
+    clock.now = 1000.9  # same priority (the other instance of the group): not rewritten
+    assert not rec.seen(150, 52, "10.99.0.12")
+    assert path.read_text() == "150 51 203.0.113.12 1000\n"
+    clock.now = 1001.0  # a second later: rewritten, so the file's age shows adverts still arrive
+    assert rec.seen(150, 52, "10.99.0.12")
+    assert path.read_text() == "150 52 10.99.0.12 1001\n"
+    clock.now = 1001.2  # a change: written at once
+    assert rec.seen(151, 51, "203.0.113.12")
+    assert path.read_text() == "151 51 203.0.113.12 1001\n"
+    clock.now = 1001.5
+    assert not rec.seen(151, 51, "203.0.113.12")
+    assert os.listdir(tmp_path) == ["vrrp-peer-priority"]  # no temporary file left behind
+
+
+@pytest.mark.parametrize("content, expected", [
+    ("151 51 203.0.113.12 1001\n", 151),
+    ("", 0),
+    ("garbage\n", 0),
+    ("0 51 203.0.113.12 1001\n", 0),
+    (None, 0),  # missing
+])
+def test_read_peer_priority(vp, tmp_path, content, expected):
+    path = tmp_path / "vrrp-peer-priority"
+    if content is not None:
+        path.write_text(content)
+    assert vp.read_peer_priority(str(path)) == expected
+
+
+# --- the takeover arithmetic ----------------------------------------------------
+
+
+@pytest.mark.parametrize("peer, own, expected", [
+    (150, 100, 51),  # lvs2 replaces a frozen lvs1: advertises 151
+    (151, 150, 2),  # lvs1 replaces lvs2 in turn: 152
+    (0, 150, 0),  # nothing heard: no bonus
+    (100, 150, 0),  # already higher: never negative
+    (253, 100, 154),  # capped at 254
+    (254, 100, 154),
+    (254, 254, 0),
+])
+def test_takeover_value(vp, peer, own, expected):
+    assert vp.takeover_value(peer, own) == expected
+
+
+def test_takeover_value_command(tmp_path):
+    path = tmp_path / "vrrp-peer-priority"
+    path.write_text("150 51 203.0.113.11 1000\n")
+
+    def value(*args):
+        res = subprocess.run([sys.executable, SCRIPT, "takeover-value", *args], capture_output=True, text=True,
+                             check=True)
+        return res.stdout
+
+    assert value("--own", "100", "--state-file", str(path)) == "51\n"
+    assert value("--own", "100", "--state-file", str(tmp_path / "missing")) == "0\n"
+
