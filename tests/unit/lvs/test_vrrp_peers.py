@@ -1,19 +1,24 @@
 """openclb-vrrp-peers (roles/lvs/files): VRRP advert parsing, the state file's
-write policy and the takeover arithmetic."""
+write policy and the takeover arithmetic; and what the role renders around it
+for the lab (keepalived.conf's track file, the notify script, the listener's
+configuration), with nopreempt and with preempt."""
 
 import importlib.machinery
 import importlib.util
 import json
 import os
+import re
 import socket
 import struct
 import subprocess
 import sys
 
 import pytest
+import yaml
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", ".."))
 SCRIPT = os.path.join(ROOT, "roles", "lvs", "files", "openclb-vrrp-peers")
+LAB = os.path.join(ROOT, "inventories", "lab")
 
 PEERS = {"203.0.113.12", "10.99.0.12", "2001:db8::12"}
 VRIDS = {51, 52}
@@ -171,3 +176,112 @@ def test_takeover_value_command(tmp_path):
     assert value("--own", "100", "--state-file", str(path)) == "51\n"
     assert value("--own", "100", "--state-file", str(tmp_path / "missing")) == "0\n"
 
+
+# --- what the role renders --------------------------------------------------------
+
+RENDER = """
+- name: Validate the model
+  ansible.builtin.import_playbook: {root}/playbooks/validate.yml
+
+- name: Render the LVS role's HA files
+  hosts: lvs_nodes
+  gather_facts: false
+  vars_files:
+    - {root}/roles/lvs/defaults/main.yml
+    - {root}/roles/lvs/vars/main.yml
+    - {root}/roles/lvs/vars/ha.yml
+  tasks:
+    - name: Render
+      ansible.builtin.template:
+        src: "{root}/roles/lvs/templates/{{{{ item }}}}"
+        dest: "{out}/{{{{ inventory_hostname }}}}/{{{{ item | regex_replace('.j2$', '') }}}}"
+        mode: "0644"
+      loop: [keepalived.conf.j2, openclb-ha-notify.j2, vrrp-peers.json.j2]
+      delegate_to: localhost
+"""
+
+
+@pytest.fixture(scope="module")
+def rendered(tmp_path_factory):
+    """render(preempt) -> {host: {file: text}} for the lab's LVS nodes."""
+    cache = {}
+
+    def render(ansible_playbook, preempt):
+        if preempt in cache:
+            return cache[preempt]
+        base = tmp_path_factory.mktemp(f"preempt-{preempt}")
+        inventory = LAB
+        if preempt:
+            inventory = str(base / "inventory")
+            subprocess.run(["cp", "-r", LAB, inventory], check=True)
+            path = os.path.join(inventory, "group_vars", "all", "openclb.yml")
+            with open(path) as f:
+                data = yaml.safe_load(f)
+            data["openclb_cluster"]["vrrp"]["preempt"] = True
+            with open(path, "w") as f:
+                yaml.safe_dump(data, f)
+        out = base / "out"
+        for host in ("lvs1", "lvs2"):
+            (out / host).mkdir(parents=True)
+        play = base / "render.yml"
+        play.write_text(RENDER.format(root=ROOT, out=out))
+        res = ansible_playbook(inventory, str(play))
+        assert res.returncode == 0, res.stdout + res.stderr
+        cache[preempt] = {host: {f.name: f.read_text() for f in (out / host).iterdir()} for host in ("lvs1", "lvs2")}
+        return cache[preempt]
+
+    return render
+
+
+def blocks(conf):
+    """Top-level blocks of a keepalived.conf: (header, body) in order."""
+    out, depth, header, body = [], 0, None, []
+    for line in conf.splitlines():
+        code = line.split("#", 1)[0]
+        if depth == 0 and code.strip().endswith("{"):
+            header, body = code.strip()[:-1].strip(), []
+        elif depth > 0:
+            body.append(line)
+        depth += code.count("{") - code.count("}")
+        if depth == 0 and header is not None:
+            out.append((header, "\n".join(body[:-1])))
+            header = None
+    return out
+
+
+def test_nopreempt_tracks_the_takeover_file_on_the_group(ansible_playbook, rendered):
+    files = rendered(ansible_playbook, preempt=False)
+    conf = files["lvs2"]["keepalived.conf"]
+    found = blocks(conf)
+    headers = [h for h, _ in found]
+    assert "track_file openclb_takeover" in headers
+    track = dict(found)["track_file openclb_takeover"].split()
+    assert track == ["file", "/run/openclb/vrrp-takeover", "weight", "1", "init_file", "0", "overwrite"]
+    groups = [body for h, body in found if h.startswith("vrrp_sync_group")]
+    instances = [body for h, body in found if h.startswith("vrrp_instance")]
+    assert len(groups) == 1 and len(instances) >= 2  # the lab: VIPs and the NAT gateway move together
+    # keepalived 2.2 ignores tracking weights on sync group members: the group tracks the file
+    assert re.search(r"track_file \{\s+openclb_takeover weight 1\s+\}", groups[0])
+    for body in instances:
+        assert "nopreempt" in body and "track_file" not in body
+
+
+def test_nopreempt_notify_and_listener_configuration(ansible_playbook, rendered):
+    files = rendered(ansible_playbook, preempt=False)
+    for host, own in (("lvs1", 150), ("lvs2", 100)):
+        notify = files[host]["openclb-ha-notify"]
+        assert f"bonus=$(/usr/local/sbin/openclb-vrrp-peers takeover-value --own {own}) || bonus=0" in notify
+        assert "mv /run/openclb/vrrp-takeover.tmp /run/openclb/vrrp-takeover" in notify
+    assert json.loads(files["lvs1"]["vrrp-peers.json"])["peers"] == ["203.0.113.12", "10.99.0.12"]
+    conf = json.loads(files["lvs2"]["vrrp-peers.json"])
+    assert (conf["peers"], conf["vrids"], conf["ipv6"]) == (["203.0.113.11", "10.99.0.11"], [51], False)
+
+
+def test_preempt_leaves_the_takeover_out(ansible_playbook, rendered):
+    files = rendered(ansible_playbook, preempt=True)
+    conf = files["lvs2"]["keepalived.conf"]
+    assert "track_file" not in conf and "openclb_takeover" not in conf
+    assert "preempt_delay 60" in conf and "nopreempt" not in conf
+    notify = files["lvs2"]["openclb-ha-notify"]
+    assert "takeover-value" not in notify and "vrrp-takeover.tmp" not in notify
+    assert "vrrp-state" in notify  # the rest of the notify script is there
