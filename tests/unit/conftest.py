@@ -1,5 +1,5 @@
-"""Unit-test plumbing: import path for the collection, ansible-playbook runs,
-and a fake IPVS kernel.
+"""Unit-test plumbing: import path for the collection, role scripts as
+modules, ansible-playbook runs, and a fake IPVS kernel.
 
 Plain `pytest tests/unit` from a checkout: the repository root is the
 collection openclb.lb, so link it as ansible_collections/openclb/lb in a
@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import atexit
 import errno
+import importlib.machinery
 import importlib.util
 import os
 import shutil
@@ -52,6 +53,21 @@ COLLECTIONS_PATH = os.path.dirname(os.path.dirname(os.path.dirname(
 PLAYBOOK = os.path.join(os.path.dirname(sys.executable), "ansible-playbook")
 
 
+@pytest.fixture(scope="session")
+def load_script():
+    """load(path): a Python script a role installs (no .py ending) imported as
+    a module, so that tests call its functions."""
+
+    def load(path):
+        loader = importlib.machinery.SourceFileLoader(os.path.basename(path).replace("-", "_"), path)
+        spec = importlib.util.spec_from_loader(loader.name, loader)
+        module = importlib.util.module_from_spec(spec)
+        loader.exec_module(module)
+        return module
+
+    return load
+
+
 @pytest.fixture
 def ansible_playbook():
     """run(inventory, playbook, *args): ansible-playbook from the repository
@@ -78,6 +94,7 @@ def ansible_playbook():
         )
 
     return run
+
 
 GENL_ID = 0x20  # any id: the fake registers the message class under it
 

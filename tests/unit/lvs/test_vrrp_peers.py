@@ -3,8 +3,6 @@ write policy and the takeover arithmetic; and what the role renders around it
 for the lab (keepalived.conf's track file, the notify script, the listener's
 configuration), with nopreempt and with preempt."""
 
-import importlib.machinery
-import importlib.util
 import json
 import os
 import re
@@ -25,12 +23,8 @@ VRIDS = {51, 52}
 
 
 @pytest.fixture(scope="module")
-def vp():
-    loader = importlib.machinery.SourceFileLoader("openclb_vrrp_peers", SCRIPT)
-    spec = importlib.util.spec_from_loader(loader.name, loader)
-    module = importlib.util.module_from_spec(spec)
-    loader.exec_module(module)
-    return module
+def vp(load_script):
+    return load_script(SCRIPT)
 
 
 def vrrp(version=3, kind=1, vrid=51, priority=150):
@@ -252,13 +246,11 @@ def blocks(conf):
 def test_nopreempt_tracks_the_takeover_file_on_the_group(ansible_playbook, rendered):
     files = rendered(ansible_playbook, preempt=False)
     conf = files["lvs2"]["keepalived.conf"]
-    found = blocks(conf)
-    headers = [h for h, _ in found]
-    assert "track_file openclb_takeover" in headers
-    track = dict(found)["track_file openclb_takeover"].split()
+    found = dict(blocks(conf))
+    track = found["track_file openclb_takeover"].split()
     assert track == ["file", "/run/openclb/vrrp-takeover", "weight", "1", "init_file", "0", "overwrite"]
-    groups = [body for h, body in found if h.startswith("vrrp_sync_group")]
-    instances = [body for h, body in found if h.startswith("vrrp_instance")]
+    groups = [body for h, body in found.items() if h.startswith("vrrp_sync_group")]
+    instances = [body for h, body in found.items() if h.startswith("vrrp_instance")]
     assert len(groups) == 1 and len(instances) >= 2  # the lab: VIPs and the NAT gateway move together
     # keepalived 2.2 ignores tracking weights on sync group members: the group tracks the file
     assert re.search(r"track_file \{\s+openclb_takeover weight 1\s+\}", groups[0])
