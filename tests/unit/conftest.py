@@ -1,8 +1,11 @@
-"""Unit-test plumbing: import path for the collection, and a fake IPVS kernel.
+"""Unit-test plumbing: import path for the collection, role scripts as
+modules, ansible-playbook runs, and a fake IPVS kernel.
 
 Plain `pytest tests/unit` from a checkout: the repository root is the
 collection openclb.lb, so link it as ansible_collections/openclb/lb in a
 temporary directory on sys.path (ansible-test units already provides it).
+The `ansible_playbook` fixture runs the venv's ansible-playbook with that
+directory as the collections path.
 
 The fake replaces the generic netlink socket itself, the modules' only system
 boundary (module_utils GenlSocket.new_socket). Requests arrive as the
@@ -17,10 +20,12 @@ from __future__ import annotations
 
 import atexit
 import errno
+import importlib.machinery
 import importlib.util
 import os
 import shutil
 import struct
+import subprocess
 import sys
 import tempfile
 
@@ -40,6 +45,56 @@ from ansible_collections.openclb.lb.plugins.module_utils import ipvs as ipvs_mu 
 from pyroute2.netlink import ctrlmsg  # noqa: E402
 from pyroute2.netlink.exceptions import NetlinkError  # noqa: E402
 from pyroute2.netlink.generic import ipvs as genl_ipvs  # noqa: E402
+
+# The directory holding ansible_collections/openclb/lb (the link above, or
+# ansible-test's tree).
+COLLECTIONS_PATH = os.path.dirname(os.path.dirname(os.path.dirname(
+    list(importlib.util.find_spec("ansible_collections.openclb.lb").submodule_search_locations)[0])))
+PLAYBOOK = os.path.join(os.path.dirname(sys.executable), "ansible-playbook")
+
+
+@pytest.fixture(scope="session")
+def load_script():
+    """load(path): a Python script a role installs (no .py ending) imported as
+    a module, so that tests call its functions."""
+
+    def load(path):
+        loader = importlib.machinery.SourceFileLoader(os.path.basename(path).replace("-", "_"), path)
+        spec = importlib.util.spec_from_loader(loader.name, loader)
+        module = importlib.util.module_from_spec(spec)
+        loader.exec_module(module)
+        return module
+
+    return load
+
+
+@pytest.fixture
+def ansible_playbook():
+    """run(inventory, playbook, *args): ansible-playbook from the repository
+    root with this collection, plain JSON results, no colour."""
+    env = dict(
+        os.environ,
+        ANSIBLE_COLLECTIONS_PATH=COLLECTIONS_PATH,
+        ANSIBLE_CONFIG=os.path.join(ROOT, "ansible.cfg"),
+        ANSIBLE_NOCOLOR="1",
+        ANSIBLE_CALLBACK_RESULT_FORMAT="json",
+        ANSIBLE_LOCALHOST_WARNING="0",
+        ANSIBLE_INVENTORY_UNPARSED_WARNING="0",
+    )
+
+    def run(inventory, playbook, *args):
+        return subprocess.run(
+            [PLAYBOOK, "-i", inventory, playbook, *args],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+            check=False,
+        )
+
+    return run
+
 
 GENL_ID = 0x20  # any id: the fake registers the message class under it
 

@@ -1,7 +1,5 @@
 """openclb-keyclient-watchdog: reading the tunnel's connections, judging key servers in use."""
 
-import importlib.machinery
-import importlib.util
 import os
 import signal
 import subprocess
@@ -27,12 +25,8 @@ TCP6 = (
 
 
 @pytest.fixture(scope="module")
-def wd():
-    loader = importlib.machinery.SourceFileLoader("openclb_keyclient_watchdog", SCRIPT)
-    spec = importlib.util.spec_from_loader(loader.name, loader)
-    module = importlib.util.module_from_spec(spec)
-    loader.exec_module(module)
-    return module
+def wd(load_script):
+    return load_script(SCRIPT)
 
 
 def test_established_reads_ipv4_and_ipv6_tables(wd, tmp_path):

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
-import sys
 
 import pytest
 import yaml
@@ -19,7 +17,6 @@ from ansible_collections.openclb.lb.plugins.filter.lb_model import FilterModule,
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), *[".."] * 4))
 LAB = os.path.join(ROOT, "inventories", "lab")
-PLAYBOOK = os.path.join(os.path.dirname(sys.executable), "ansible-playbook")
 
 GROUPS = {"all": ["lvs1", "l7-1", "be1"], "lvs_nodes": ["lvs1"], "l7_nodes": ["l7-1"], "backends": ["be1"]}
 HOSTVARS = {
@@ -60,27 +57,6 @@ def test_filter_rejects_a_non_mapping():
         lb_model([], GROUPS, HOSTVARS)
 
 
-def run_playbook(collections_path, inventory, playbook, *args):
-    env = dict(
-        os.environ,
-        ANSIBLE_COLLECTIONS_PATH=collections_path,
-        ANSIBLE_CONFIG=os.path.join(ROOT, "ansible.cfg"),
-        ANSIBLE_NOCOLOR="1",
-        ANSIBLE_CALLBACK_RESULT_FORMAT="json",
-        ANSIBLE_LOCALHOST_WARNING="0",
-        ANSIBLE_INVENTORY_UNPARSED_WARNING="0",
-    )
-    return subprocess.run(
-        [PLAYBOOK, "-i", inventory, playbook, *args],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
-
-
 @pytest.fixture
 def broken_lab(tmp_path):
     inv = tmp_path / "lab"
@@ -97,8 +73,8 @@ def broken_lab(tmp_path):
     return str(inv)
 
 
-def test_validate_play_passes_on_the_lab_model(collections_path):
-    res = run_playbook(collections_path, LAB, os.path.join(ROOT, "playbooks", "validate.yml"), "--check", "-v")
+def test_validate_play_passes_on_the_lab_model(ansible_playbook):
+    res = ansible_playbook(LAB, os.path.join(ROOT, "playbooks", "validate.yml"), "--check", "-v")
     assert res.returncode == 0, res.stdout + res.stderr
     assert "model lab is valid: 5 tcp, 1 udp, 3 http, 2 https; 11 IPVS services, 26 real servers, 3 VIPs" in res.stdout
     assert "ok=2    changed=0" in res.stdout
@@ -118,21 +94,21 @@ SITE = """
 """
 
 
-def test_limit_cannot_skip_validation_and_every_host_gets_the_model(collections_path, tmp_path, broken_lab):
+def test_limit_cannot_skip_validation_and_every_host_gets_the_model(ansible_playbook, tmp_path, broken_lab):
     # lab guests are not up: passing proves no host is contacted
     site = tmp_path / "site.yml"
     site.write_text(SITE.format(validate=os.path.join(ROOT, "playbooks", "validate.yml")))
-    res = run_playbook(collections_path, LAB, str(site), "--limit", "l7-2")
+    res = ansible_playbook(LAB, str(site), "--limit", "l7-2")
     assert res.returncode == 0, res.stdout + res.stderr
     assert "l7-2 sees http-redirect,http-rewrite,http-web,https-strict,https-web" in res.stdout
-    res = run_playbook(collections_path, broken_lab, str(site), "--limit", "l7-2")
+    res = ansible_playbook(broken_lab, str(site), "--limit", "l7-2")
     assert res.returncode == 2, res.stdout + res.stderr
     assert "listeners[tcp-web].health_check.interval: 0 is out of range 1-50" in res.stdout
     assert " sees " not in res.stdout
 
 
-def test_validate_play_fails_naming_every_field(collections_path, broken_lab):
-    res = run_playbook(collections_path, broken_lab, os.path.join(ROOT, "playbooks", "validate.yml"))
+def test_validate_play_fails_naming_every_field(ansible_playbook, broken_lab):
+    res = ansible_playbook(broken_lab, os.path.join(ROOT, "playbooks", "validate.yml"))
     assert res.returncode == 2, res.stdout + res.stderr
     for line in (
         "4 error(s) in the openclb model",
@@ -160,11 +136,11 @@ FILTER_PLAY = """
 """
 
 
-def test_filter_in_a_play_resolves_templated_hostvars(collections_path, tmp_path):
+def test_filter_in_a_play_resolves_templated_hostvars(ansible_playbook, tmp_path):
     # the lab's addresses are templates over lab_nics: hostvars must resolve them
     play = tmp_path / "filter.yml"
     play.write_text(FILTER_PLAY)
-    res = run_playbook(collections_path, LAB, str(play))
+    res = ansible_playbook(LAB, str(play))
     assert res.returncode == 0, res.stdout + res.stderr
     # sorted by VIP, transport, port
     assert (
