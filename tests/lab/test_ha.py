@@ -20,13 +20,13 @@ comes back later. Every held connection must survive on the new MASTER with
 no reset; the longest gap between two successful new connections is
 printed; the returning node must come back as BACKUP and never take the
 VIPs (nopreempt, asserted from the transitions the notify script records),
-with no second interruption (held connections alive to the end; after a
-graceful stop or a halt also: no new connection failed after its return,
-and while the traffic still runs the node that is BACKUP comes to hold 90 %
-of the MASTER's entries, warm for the next switch, when the node returned
-within the traffic run; the freeze scenarios
-print these). A thawed MASTER may take the VIPs back once (docs/ha.md,
-Known gaps). Bounded: each scenario is one traffic run of fixed length.
+with no second interruption (held connections alive to the end; no new
+connection failed after its return, and while the traffic still runs the
+node that is BACKUP comes to hold 90 % of the MASTER's entries, warm for the
+next switch, when the node returned within the traffic run). A frozen
+MASTER that thaws never left MASTER in its own view: it yields because the
+node that replaced it advertises one more than it (the takeover bonus,
+docs/ha.md). Bounded: each scenario is one traffic run of fixed length.
 """
 
 from __future__ import annotations
@@ -249,25 +249,22 @@ def assert_clean_return(report):
     assert not report["failed_after_return"], f"new connections failed after the return: {report['failed_after_return']}"
 
 
-def unchecked_clean_return(report):
-    """The freeze scenarios only print it: `openclb-lab freeze` and `thaw`
-    take about 11 s each on a loaded 2-core host, so the thaw returns after
-    the traffic run (35 s) has ended and nothing is left to sample (CI-like
-    run of 2026-11-27), and a thawed MASTER may take the VIPs back (Known
-    gaps in docs/ha.md)."""
-    print(f"  not asserted for a freeze: BACKUP warm {report['warm_after']} s after the return, "
-          f"failed new connections after it {report['failed_after_return']}")
+def print_bonus(host):
+    """The takeover bonus the new MASTER advertises with (docs/ha.md)."""
+    print(f"  {host}'s takeover bonus: {on(host, 'cat /run/openclb/vrrp-takeover', check=False).strip()}, "
+          f"last peer priority heard: {on(host, 'cat /run/openclb/vrrp-peer-priority', check=False).strip()}")
 
 
 def assert_no_flap(report, master, peer):
-    # the node that failed came back as BACKUP, never took the VIPs, and
-    # stayed BACKUP; the peer became MASTER once and stayed MASTER
-    peer_states = [line[1] for line in report["flaps_after"][peer]]
-    assert peer_states == ["MASTER"], f"{peer} transitions: {peer_states}"
-    own = [line[1] for line in report["flaps_after"][master]]
-    assert "MASTER" not in own, f"the returning node {master} took the VIPs: {own}"
-    assert vrrp_state(peer) == "MASTER"
-    assert vrrp_state(master) == "BACKUP"
+    """The node that failed came back as BACKUP, never took the VIPs, and
+    stayed BACKUP; the peer became MASTER once and stayed MASTER. Read after
+    a settle time: a thawed node acts within a few adverts of its return,
+    which may come at the very end of the traffic run."""
+    time.sleep(3)
+    assert settled_master(timeout=30) == peer, f"the VIPs left {peer}, which took over"
+    states = {h: [t[1] for t in transitions(h) if float(t[0]) >= report["started"]] for h in LVS}
+    assert states[peer] == ["MASTER"], f"{peer} transitions: {states[peer]}"
+    assert "MASTER" not in states[master], f"the returning node {master} took the VIPs: {states[master]}"
     assert_clean_return(report)
 
 
@@ -298,17 +295,10 @@ def test_frozen_master(cluster):
     )
     check_report("freeze", report, master, peer)
     # A frozen MASTER never left MASTER in its own view: after the thaw it
-    # advertises its higher priority and the peer steps down (RFC 5798; no
-    # keepalived option tells a resumed MASTER from a live one). That second
-    # switch is allowed once, with every warm connection surviving it (checked
-    # above) and the VIPs staying put afterwards.
-    peer_states = [line[1] for line in report["flaps_after"][peer]]
-    assert peer_states in (["MASTER"], ["MASTER", "BACKUP"]), f"{peer} flapped: {peer_states}"
-    time.sleep(5)
-    assert settled_master() == (master if peer_states[-1] == "BACKUP" else peer)
-    last = float(report["flaps_after"][peer][-1][0])
-    assert not [t for t in transitions(peer) if float(t[0]) > last], "the peer changed state again"
-    unchecked_clean_return(report)
+    # still advertises its old priority, the peer advertises one more (the
+    # takeover bonus), and the thawed node yields: no second switch.
+    print_bonus(peer)
+    assert_no_flap(report, master, peer)
 
 
 def test_halted_master(cluster):
@@ -347,8 +337,6 @@ def test_frozen_master_subsecond_advert(cluster):
         set_advert(original)
         time.sleep(3)
     check_report("freeze, advert_int 0.1", report, master, peer)
+    print_bonus(peer)
     assert report["failover_gap"] < 1.0, f"failover gap {report['failover_gap']} s with advert_int 0.1"
-    peer_states = [line[1] for line in report["flaps_after"][peer]]
-    assert peer_states in (["MASTER"], ["MASTER", "BACKUP"]), f"{peer} flapped: {peer_states}"
-    unchecked_clean_return(report)
-    settled_master()
+    assert_no_flap(report, master, peer)

@@ -256,6 +256,8 @@ def test_nopreempt_tracks_the_takeover_file_on_the_group(ansible_playbook, rende
     assert re.search(r"track_file \{\s+openclb_takeover weight 1\s+\}", groups[0])
     for body in instances:
         assert "nopreempt" in body and "track_file" not in body
+        # a thawed node's own GARPs may land after the MASTER's answer: a second set 1 s later
+        assert re.search(r"^\s+garp_lower_prio_delay 1$", body, re.M), body
 
 
 def test_nopreempt_notify_and_listener_configuration(ansible_playbook, rendered):
