@@ -218,3 +218,54 @@ def test_weight_zero_drains_and_check_mode_shows_the_diff(l4, tmp_path):
     assert not real_servers(l4, node, f"-t {VIP}:8090")
     assert real_servers(l4, node, f"-t {VIP}:80").get(f"{BACKEND_IP['be3']}:8080") == 3
 
+
+
+# slow: 490 s on the lab (2026-11-28): three backend.yml runs, and the drain
+# waits out tcp-web's drain_timeout while the held connections stay on be3.
+@pytest.mark.slow
+def test_backend_playbook_drains_reweights_and_enables_one_backend(l4):
+    """playbooks/backend.yml changes one real server of the chosen listeners on
+    every LVS node, and nothing else: drain (weight 0: held connections stay,
+    new ones avoid it), a runtime weight, enable (the model's weight back)."""
+    nodes = ("lvs1", "lvs2")
+    before = {n: ipvs_table(l4, n) for n in nodes}
+    be3 = f"{BACKEND_IP['be3']}:8080"
+
+    def run(*extra):
+        rc, out = playbook("playbooks/backend.yml", "-e", "backend=be3", "-e", "listeners=tcp-web", *extra)
+        assert rc == 0, out[-3000:]
+
+    def changed_lines(node):
+        """The table lines that differ from before (service line + real server)."""
+        now = ipvs_table(l4, node)
+        return [line for line in now if line not in before[node]]
+
+    hold = l4.popen("client1", ["python3", CLIENT, "hold", "--host", VIP, "--port", "80", "--source",
+                                "203.0.113.102", "--connections", "8", "--duration", "600", "--interval", "2",
+                                "--timeout", "10"])
+    try:
+        time.sleep(4)
+        run("-e", "action=drain")
+        for n in nodes:
+            assert real_servers(l4, n, f"-t {VIP}:80")[be3] == 0, n
+            # be3 in the other listeners (tcp-persist, udp-echo, ...) and every other server untouched
+            assert changed_lines(n) == [f"-> {be3} Masq 0"], (n, changed_lines(n))
+        fresh = client(l4, "client2", "http", "--host", VIP, "--port", "80", "--count", "60")
+        assert fresh["errors"] == [] and "be3" not in fresh["counts"], fresh
+
+        run("-e", "action=weight", "-e", "weight=5")
+        for n in nodes:
+            assert changed_lines(n) == [f"-> {be3} Masq 5"], (n, changed_lines(n))
+    finally:
+        run("-e", "action=enable")
+        hold.terminate()
+    for n in nodes:
+        assert ipvs_table(l4, n) == before[n], f"{n}: the model's table is not back"
+    out_hold, err_hold = hold.communicate(timeout=60)
+    progress = [json.loads(line) for line in err_hold.splitlines() if line.startswith("{")]
+    assert progress, err_hold[-2000:]
+    first, last = progress[0]["last"], progress[-1]["last"]
+    print(f"\nheld connections before: {first}\nafter drain, weight 5 and enable: {last}; "
+          f"new ones while drained: {fresh['counts']}")
+    assert "be3" in first, "no held connection landed on be3 (wrr 1:2:3, 8 connections)"
+    assert first == last, "an established connection broke or moved"
