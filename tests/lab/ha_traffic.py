@@ -10,7 +10,9 @@ tests/lab/ha_traffic.py ...`), standard library only, bounded by --duration.
     --probe VIP:PORT             a new connection every --probe-interval s
                                  (GET, Connection: close); the longest gap
                                  between two successful probes is the
-                                 failover time for new connections
+                                 failover time for new connections; one
+                                 without a whole answer after
+                                 --probe-timeout s (2) has failed
     --stop FILE                  end early once FILE exists (--duration
                                  stays the bound)
 
@@ -92,6 +94,7 @@ def main():
     probe_ok = []
     probe_fail = []  # start times (s from the run's start) of failed probes
     probe_why = []  # (start, s until it failed, why) of each failed probe
+    slowest = [0.0, 0.0]  # [start, s to a whole answer] of the slowest successful probe
     next_probe = time.monotonic()
     t0 = time.monotonic()
     wall0 = time.time()
@@ -164,6 +167,8 @@ def main():
                     done, _ = parse_response(st[1])
                     if done:
                         probe_ok.append(time.monotonic() - t0)
+                        if probe_ok[-1] - (st[0] - t0) > slowest[1]:
+                            slowest[:] = [round(st[0] - t0, 3), round(probe_ok[-1] - (st[0] - t0), 3)]
                         sel.unregister(s)
                         s.close()
                         del probes[s]
@@ -231,6 +236,7 @@ def main():
             # the three longest gaps: [start (s from the run's start), length]
             "top_gaps": [[round(probe_ok[i], 3), round(gaps[i], 3)] for i in top],
             "ok_at": [round(t, 3) for t in probe_ok],
+            "slowest": slowest,
         }
     print(json.dumps(out))
 

@@ -39,9 +39,10 @@ import pytest
 import test_ha as ha
 from conftest import REPO, require_hosts
 
-# slow: HTTP requests failed in 2 recent runs (3 of 7,499 in a full make test;
-# 24 of 7,689 under added CPU load, each "timeout, request sent"); not explained
-# yet (docs/ha.md, Known gaps).
+# slow: HTTP requests failed in 2 runs with the old 2 s bound (3 of 7,499 in a
+# full make test; 24 of 7,689 under added CPU load, each "timeout, request
+# sent"); with REQUEST_TIMEOUT it passed once under that load. More runs, and
+# room in CI's hour, before it goes back into make test (docs/ha.md, Known gaps).
 pytestmark = [pytest.mark.lab, pytest.mark.slow]
 
 HERE = Path(__file__).resolve().parent
@@ -58,6 +59,12 @@ PLAYBOOK = os.environ.get("OPENCLB_ANSIBLE_PLAYBOOK", str(Path(sys.executable).w
 # on a quiet lab, 12+ min at load 20 (docs/ha.md); a hang must not eat the
 # CI budget.
 BOUND = 600
+# s: a request without a whole answer by then has failed. Not test_ha's 2 s
+# (a failover gap probe): a lab guest starved by its loaded host can stall
+# for seconds (held connections stalled 4.7 s in a run whose 24 failed
+# requests all timed out at 2 s after being sent, none logged by nginx:
+# docs/ha.md). 10 s like the other lab clients; the slowest answer is printed.
+REQUEST_TIMEOUT = 10
 
 
 def units(lab, host):
@@ -83,7 +90,8 @@ def test_rolling_upgrade_under_traffic(lab, tmp_path):
         ha.LAB.argv("client1", [
             "python3", str(HERE / "ha_traffic.py"),
             "--hold", f"nat={ha.NAT}:{ha.HELD}", "--hold", f"dr={ha.DR}:{ha.HELD}",
-            "--probe", HTTP, "--duration", str(BOUND + 60), "--mark", str(mark), "--stop", str(stop)]),
+            "--probe", HTTP, "--probe-timeout", str(REQUEST_TIMEOUT),
+            "--duration", str(BOUND + 60), "--mark", str(mark), "--stop", str(stop)]),
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
     try:
@@ -123,7 +131,7 @@ def test_rolling_upgrade_under_traffic(lab, tmp_path):
     # the probes' times count from here: to line them up with the play's task times (profile_tasks)
     print(f"  traffic started {time.strftime('%H:%M:%S', time.gmtime(report['started']))} UTC")
     print(f"  HTTP through {HTTP} (LVS -> nginx -> backends): {p['ok']} ok, {p['failed']} failed "
-          f"{p['failures'][:10]}; longest gap {p['max_gap']} s")
+          f"{p['failures'][:10]}; longest gap {p['max_gap']} s; slowest answer [start, s] {p['slowest']}")
     for group, g in report["groups"].items():
         print(f"  held {group}: {g['alive']}/{g['count']} alive, failed {g['failed'][:5]}, "
               f"longest stall {g['max_stall']} s")
