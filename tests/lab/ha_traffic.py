@@ -92,21 +92,21 @@ def main():
 
     probes = {}
     probe_ok = []
-    probe_fail = []  # start times (s from the run's start) of failed probes
-    probe_why = []  # (start, s until it failed, why) of each failed probe
+    probe_fail = []  # [start (s from the run's start), s until it failed, why, bytes received]
     slowest = [0.0, 0.0]  # [start, s to a whole answer] of the slowest successful probe
     next_probe = time.monotonic()
     t0 = time.monotonic()
     wall0 = time.time()
     end = t0 + duration
 
-    def probe_failed(s, st, why):
-        now = time.monotonic()
-        probe_fail.append(st[0] - t0)
-        probe_why.append([round(st[0] - t0, 3), round(now - st[0], 3), why, len(st[1])])
+    def probe_done(s):
         sel.unregister(s)
         s.close()
         del probes[s]
+
+    def probe_failed(s, st, why):
+        probe_fail.append([round(st[0] - t0, 3), round(time.monotonic() - st[0], 3), why, len(st[1])])
+        probe_done(s)
 
     def fail(h, why):
         if h.error is None:
@@ -166,12 +166,11 @@ def main():
                     st[1] += data
                     done, _ = parse_response(st[1])
                     if done:
-                        probe_ok.append(time.monotonic() - t0)
-                        if probe_ok[-1] - (st[0] - t0) > slowest[1]:
-                            slowest[:] = [round(st[0] - t0, 3), round(probe_ok[-1] - (st[0] - t0), 3)]
-                        sel.unregister(s)
-                        s.close()
-                        del probes[s]
+                        now = time.monotonic()
+                        probe_ok.append(now - t0)
+                        if now - st[0] > slowest[1]:
+                            slowest[:] = [round(st[0] - t0, 3), round(now - st[0], 3)]
+                        probe_done(s)
                     elif not data:
                         probe_failed(s, st, "closed before a whole answer")
                 except OSError as exc:
@@ -228,9 +227,9 @@ def main():
         out["probe"] = {
             "ok": len(probe_ok),
             "failed": len(probe_fail),
-            "failed_at": [round(t, 3) for t in probe_fail],
+            "failed_at": [f[0] for f in probe_fail],
             # [start, s until it failed, why, bytes received] of each failure
-            "failures": probe_why,
+            "failures": probe_fail,
             "max_gap": round(gaps[worst], 3) if gaps else None,
             "max_gap_at": round(probe_ok[worst], 3) if gaps else None,
             # the three longest gaps: [start (s from the run's start), length]
