@@ -219,7 +219,6 @@ def test_weight_zero_drains_and_check_mode_shows_the_diff(l4, tmp_path):
     assert real_servers(l4, node, f"-t {VIP}:80").get(f"{BACKEND_IP['be3']}:8080") == 3
 
 
-
 # slow: 490 s on the lab (2026-11-28): three backend.yml runs, and the drain
 # waits out tcp-web's drain_timeout while the held connections stay on be3.
 @pytest.mark.slow
