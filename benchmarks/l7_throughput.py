@@ -13,7 +13,7 @@ with and without keep-alive, and prints requests/s and the ratio to the
 direct run. The backends are single-process Python servers, so absolute
 numbers say little; compare the ratios of one run.
 
-    sudo /work/main/.venv/bin/python benchmarks/l7_throughput.py [--seconds 5]
+    sudo .venv/bin/python benchmarks/l7_throughput.py [--seconds 5]
 """
 
 import argparse

@@ -1,7 +1,7 @@
 """The L7 role against real nginx and real backends in network namespaces.
 
 Run as root on a host with nginx, curl and openssl installed:
-    /work/main/.venv/bin/pytest -v tests/host/test_l7_node.py
+    .venv/bin/pytest -v tests/host/test_l7_node.py
 The namespaces, processes and the temporary tree are removed afterwards
 (OPENCLB_KEEP=1 keeps the tree for inspection).
 """

@@ -25,7 +25,8 @@ sys.path.insert(0, os.path.join(REPO, "tests", "unit", "l7"))
 
 import model_fixture  # noqa: E402
 
-VENV = os.environ.get("OPENCLB_VENV", "/work/main/.venv")
+# the virtualenv running this test (make venv), unless OPENCLB_VENV names another
+VENV = os.environ.get("OPENCLB_VENV", sys.prefix)
 CLIENT_ADDR = "198.51.100.10"
 
 
