@@ -15,9 +15,11 @@ slow ones (a playbook run takes minutes on a loaded 2-core machine).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import time
+import types
 
 import pytest
 from conftest import REPO, lab_model, playbook, require_hosts, write_vars
@@ -62,6 +64,28 @@ def real_servers(lab, node, service):
 def ipvs_table(lab, node):
     """`ipvsadm -Ln` without the connection counters: service lines and real servers with weights."""
     return [" ".join(line.split()[:4]) for line in lab.sh(node, "ipvsadm -Ln").splitlines()[3:]]
+
+
+@contextlib.contextmanager
+def held_connections(lab, duration):
+    """8 keep-alive connections from client1 (source 203.0.113.102) to tcp-web,
+    one request each every 2 s for the block. Afterwards `held.first` and
+    `held.last` name the backend each connection reached at the start and at
+    the end (l4_client.py hold's progress lines)."""
+    hold = lab.popen("client1", ["python3", CLIENT, "hold", "--host", VIP, "--port", "80", "--source",
+                                 "203.0.113.102", "--connections", "8", "--duration", str(duration),
+                                 "--interval", "2", "--timeout", "10"])
+    held = types.SimpleNamespace(first=None, last=None)
+    try:
+        time.sleep(4)  # every connection open and answered once
+        yield held
+    finally:
+        hold.terminate()
+    _, err = hold.communicate(timeout=60)
+    progress = [json.loads(line) for line in err.splitlines() if line.startswith("{")]
+    assert progress, err[-2000:]
+    held.first, held.last = progress[0]["last"], progress[-1]["last"]
+    assert "be3" in held.first, "no held connection landed on be3 (wrr 1:2:3, 8 connections)"
 
 
 def shares(counts):
@@ -189,11 +213,7 @@ def test_weight_zero_drains_and_check_mode_shows_the_diff(l4, tmp_path):
     assert l4.sh(node, "md5sum /etc/keepalived/keepalived.conf") == conf_before
     assert ipvs_table(l4, node) == table_before
 
-    hold = l4.popen("client1", ["python3", CLIENT, "hold", "--host", VIP, "--port", "80", "--source",
-                                "203.0.113.102", "--connections", "8", "--duration", "900", "--interval", "2",
-                                "--timeout", "10"])
-    try:
-        time.sleep(4)
+    with held_connections(l4, 900) as held:
         rc, out = playbook("playbooks/lvs.yml", "--tags", "lvs", "-e", extra)
         assert rc == 0, out[-3000:]
         rs = real_servers(l4, node, f"-t {VIP}:80")
@@ -201,16 +221,9 @@ def test_weight_zero_drains_and_check_mode_shows_the_diff(l4, tmp_path):
         assert real_servers(l4, node, f"-t {VIP}:8090"), "module-owned service missing"
         fresh = client(l4, "client2", "http", "--host", VIP, "--port", "80", "--count", "60")
         assert fresh["errors"] == [] and "be3" not in fresh["counts"], fresh
-    finally:
-        hold.terminate()
-    out_hold, err_hold = hold.communicate(timeout=60)
-    progress = [json.loads(line) for line in err_hold.splitlines() if line.startswith("{")]
-    assert progress, err_hold[-2000:]
-    last = progress[-1]["last"]
-    first = progress[0]["last"]
-    print(f"\nheld connections before: {first}\nheld connections after the drain: {last}; new: {fresh['counts']}")
-    assert "be3" in first, "no held connection landed on be3 (wrr 1:2:3, 8 connections)"
-    assert first == last, "an established connection broke or moved during the drain"
+    print(f"\nheld connections before: {held.first}\nheld connections after the drain: {held.last}; "
+          f"new: {fresh['counts']}")
+    assert held.first == held.last, "an established connection broke or moved during the drain"
 
     # Restore the lab model; the module-owned service goes away again.
     rc, out = playbook("playbooks/lvs.yml", "--tags", "lvs")
@@ -239,32 +252,23 @@ def test_backend_playbook_drains_reweights_and_enables_one_backend(l4):
         now = ipvs_table(l4, node)
         return [line for line in now if line not in before[node]]
 
-    hold = l4.popen("client1", ["python3", CLIENT, "hold", "--host", VIP, "--port", "80", "--source",
-                                "203.0.113.102", "--connections", "8", "--duration", "600", "--interval", "2",
-                                "--timeout", "10"])
-    try:
-        time.sleep(4)
-        run("-e", "action=drain")
-        for n in nodes:
-            assert real_servers(l4, n, f"-t {VIP}:80")[be3] == 0, n
-            # be3 in the other listeners (tcp-persist, udp-echo, ...) and every other server untouched
-            assert changed_lines(n) == [f"-> {be3} Masq 0"], (n, changed_lines(n))
-        fresh = client(l4, "client2", "http", "--host", VIP, "--port", "80", "--count", "60")
-        assert fresh["errors"] == [] and "be3" not in fresh["counts"], fresh
+    with held_connections(l4, 600) as held:
+        try:
+            run("-e", "action=drain")
+            for n in nodes:
+                assert real_servers(l4, n, f"-t {VIP}:80")[be3] == 0, n
+                # be3 in the other listeners (tcp-persist, udp-echo, ...) and every other server untouched
+                assert changed_lines(n) == [f"-> {be3} Masq 0"], (n, changed_lines(n))
+            fresh = client(l4, "client2", "http", "--host", VIP, "--port", "80", "--count", "60")
+            assert fresh["errors"] == [] and "be3" not in fresh["counts"], fresh
 
-        run("-e", "action=weight", "-e", "weight=5")
-        for n in nodes:
-            assert changed_lines(n) == [f"-> {be3} Masq 5"], (n, changed_lines(n))
-    finally:
-        run("-e", "action=enable")
-        hold.terminate()
+            run("-e", "action=weight", "-e", "weight=5")
+            for n in nodes:
+                assert changed_lines(n) == [f"-> {be3} Masq 5"], (n, changed_lines(n))
+        finally:
+            run("-e", "action=enable")
     for n in nodes:
         assert ipvs_table(l4, n) == before[n], f"{n}: the model's table is not back"
-    out_hold, err_hold = hold.communicate(timeout=60)
-    progress = [json.loads(line) for line in err_hold.splitlines() if line.startswith("{")]
-    assert progress, err_hold[-2000:]
-    first, last = progress[0]["last"], progress[-1]["last"]
-    print(f"\nheld connections before: {first}\nafter drain, weight 5 and enable: {last}; "
+    print(f"\nheld connections before: {held.first}\nafter drain, weight 5 and enable: {held.last}; "
           f"new ones while drained: {fresh['counts']}")
-    assert "be3" in first, "no held connection landed on be3 (wrr 1:2:3, 8 connections)"
-    assert first == last, "an established connection broke or moved"
+    assert held.first == held.last, "an established connection broke or moved"
