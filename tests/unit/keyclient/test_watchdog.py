@@ -155,3 +155,30 @@ def test_a_lock_wait_must_last_at_every_look(wd, dog, monkeypatch):
     assert killed == [(101, signal.SIGKILL)]
     look(4.0, 102)
     assert killed == [(101, signal.SIGKILL), (102, signal.SIGKILL)]
+
+
+@pytest.mark.parametrize(("results", "expected", "pauses"), [
+    ([False, False, True], True, [2.0, 4.0]),   # a failed key load, tried again after a doubling pause
+    ([False, False, False], False, [2.0, 4.0]),  # three failures: the play fails, no pause after the last
+    ([True], True, []),
+])
+def test_an_asked_upgrade_is_tried_again_after_a_failed_key_load(dog, tmp_path, results, expected, pauses):
+    pid_file = tmp_path / "nginx.pid"
+    pid_file.write_text(f"{os.getpid()}\n")  # read_pid wants a live process
+    dog.cfg.update(pid_file=str(pid_file), min_restart_interval=2.0, max_backoff=8.0, upgrade_attempts=3)
+    tried, slept = [], []
+
+    def upgrade(master):
+        tried.append(master)
+        return results[len(tried) - 1]
+
+    dog.upgrade = upgrade
+    assert dog.upgrade_once_asked(sleep=slept.append) is expected
+    assert tried == [os.getpid()] * len(results)
+    assert slept == pauses
+
+
+def test_an_asked_upgrade_without_nginx_fails_at_once(dog, tmp_path):
+    dog.cfg["pid_file"] = str(tmp_path / "missing.pid")
+    dog.upgrade = lambda master: pytest.fail("no master to upgrade")
+    assert dog.upgrade_once_asked(sleep=lambda s: pytest.fail("no pause")) is False
