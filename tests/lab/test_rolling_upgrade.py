@@ -41,8 +41,8 @@ from conftest import REPO, require_hosts
 
 # In make test again (2026-11-28): with the old 2 s bound requests failed in 2
 # runs (each "timeout, request sent": guest starvation on a loaded host); with
-# REQUEST_TIMEOUT it passed 3 of 3, two of them under two added busy loops
-# (docs/ha.md, Known gaps).
+# REQUEST_TIMEOUT it passed 4 of 4, two of them under two added busy loops and
+# one inside a full make test (docs/ha.md, Known gaps).
 pytestmark = pytest.mark.lab
 
 HERE = Path(__file__).resolve().parent
