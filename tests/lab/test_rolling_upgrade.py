@@ -31,13 +31,12 @@ import json
 import os
 import re
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import test_ha as ha
-from conftest import REPO, require_hosts
+from conftest import PLAYBOOK, REPO, require_hosts
 
 # In make test again (2026-11-28): with the old 2 s bound requests failed in 2
 # runs (each "timeout, request sent": guest starvation on a loaded host); with
@@ -54,7 +53,6 @@ SERVICES = {
     "lvs": ["keepalived", "conntrackd"],
     "l7": ["openclb-keyclient-tunnel", "nginx", "openclb-healthd", "openclb-keyclient-watchdog"],
 }
-PLAYBOOK = os.environ.get("OPENCLB_ANSIBLE_PLAYBOOK", str(Path(sys.executable).with_name("ansible-playbook")))
 # s: the rollout's time limit, the traffic's too. The playbook took 4-6 min
 # on a quiet lab, 12+ min at load 20 (docs/ha.md); a hang must not eat the
 # CI budget.

@@ -25,8 +25,8 @@ sys.path.insert(0, os.path.join(REPO, "tests", "unit", "l7"))
 
 import model_fixture  # noqa: E402
 
-# the virtualenv running this test (make venv), unless OPENCLB_VENV names another
-VENV = os.environ.get("OPENCLB_VENV", sys.prefix)
+# the virtualenv's own, as in tests/lab/conftest.py (same override)
+PLAYBOOK = os.environ.get("OPENCLB_ANSIBLE_PLAYBOOK", os.path.join(os.path.dirname(sys.executable), "ansible-playbook"))
 CLIENT_ADDR = "198.51.100.10"
 
 
@@ -184,7 +184,7 @@ class L7Lab:
                 "      ansible_python_interpreter: /usr/bin/python3\n"
             )
         argv = [
-            os.path.join(VENV, "bin", "ansible-playbook"),
+            PLAYBOOK,
             "-i",
             inv,
             os.path.join(REPO, "playbooks", "l7.yml"),
