@@ -78,10 +78,10 @@ class L7Lab:
         for ns in (self.lb, self.be, self.cl):
             sh("ip", "netns", "add", ns)
             sh("ip", "link", "set", "lo", "up", ns=ns)
-            # A stream that opens a connection per request runs ~600/s on a fast
-            # host: in 45 s its TIME_WAIT sockets fill the default 28k ephemeral
-            # ports and connect() fails with EADDRNOTAVAIL, a client-side limit
-            # that says nothing about nginx. Give the test clients (and nginx's
+            # A stream that opens a connection per request can run 1,600/s here:
+            # in 45 s its TIME_WAIT sockets would fill the default 28k ephemeral
+            # ports (with them, connect() slowed it to 600/s and then failed with
+            # EADDRNOTAVAIL), a client-side limit that says nothing about nginx. Give the test clients (and nginx's
             # upstream side) the whole range and let them reuse TIME_WAIT ports.
             sh("sysctl", "-q", "-w", "net.ipv4.ip_local_port_range=1024 65535", "net.ipv4.tcp_tw_reuse=1", ns=ns)
         sh("ip", "link", "add", "l7b0", "netns", self.lb, "type", "veth", "peer", "name", "l7b1", "netns", self.be)
